@@ -1,0 +1,1 @@
+"""Command-line interface of onnxbits (installed as the subpackage ``onnxbits.cli``)."""

@@ -1,0 +1,154 @@
+"""Tiny ONNX models built in code for tests (random weights from a fixed seed, opset 13).
+
+Every model has one float input ``input`` of shape ``[N, C, H, W]`` (or ``[N, F]``) with a dynamic
+batch ``N`` and one output ``logits``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 13
+
+
+class _Builder:
+    """Accumulate nodes and initializers; name every node and tensor deterministically."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight(self, name: str, shape: tuple[int, ...], fan_in: int) -> str:
+        w = self.rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape).astype(np.float32)
+        return self.init(name, w)
+
+    def node(self, op: str, inputs: list[str], name: str | None = None, **attrs: object) -> str:
+        self.count += 1
+        name = name or f"{op.lower()}{self.count}"
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, group: int = 1,
+             name: str | None = None, bias: bool = True) -> str:
+        self.count += 1
+        name = name or f"conv{self.count}"
+        w = self.weight(f"{name}.weight", (cout, cin // group, k, k), fan_in=cin // group * k * k)
+        inputs = [x, w]
+        if bias:
+            inputs.append(self.init(f"{name}.bias",
+                                    self.rng.normal(0, 0.1, cout).astype(np.float32)))
+        return self.node("Conv", inputs, name=name, kernel_shape=[k, k], strides=[stride, stride],
+                         pads=[k // 2] * 4, group=group)
+
+    def gemm(self, x: str, fin: int, fout: int, name: str = "fc") -> str:
+        w = self.weight(f"{name}.weight", (fout, fin), fan_in=fin)
+        b = self.init(f"{name}.bias", self.rng.normal(0, 0.1, fout).astype(np.float32))
+        return self.node("Gemm", [x, w, b], name=name, transB=1)
+
+    def model(self, inp_shape: list[int | str], out: str, out_shape: list[int | str]) -> onnx.ModelProto:
+        self.nodes[-1].output[0] = "logits"
+        graph = helper.make_graph(
+            self.nodes, "tiny",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, inp_shape)],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def conv_relu_gemm(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """Conv(3->8) -> Relu -> depthwise Conv(8) -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    b = _Builder(seed)
+    x = b.conv("input", 3, 8, name="conv1")
+    x = b.node("Relu", [x], name="relu1")
+    x = b.conv(x, 8, 8, group=8, name="dwconv")
+    x = b.node("Relu", [x], name="relu2")
+    x = b.node("GlobalAveragePool", [x], name="gap")
+    x = b.node("Flatten", [x], name="flatten", axis=1)
+    b.gemm(x, 8, classes, name="fc")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes])
+
+
+def residual_block(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """Conv -> Relu -> [Conv -> Relu -> Conv] + skip -> Relu -> GAP -> Flatten -> Gemm."""
+    b = _Builder(seed)
+    x = b.node("Relu", [b.conv("input", 3, 8, name="stem")], name="stem_relu")
+    y = b.node("Relu", [b.conv(x, 8, 8, name="block_conv1")], name="block_relu1")
+    y = b.conv(y, 8, 8, name="block_conv2")
+    x = b.node("Relu", [b.node("Add", [x, y], name="block_add")], name="block_relu2")
+    x = b.node("GlobalAveragePool", [x], name="gap")
+    x = b.node("Flatten", [x], name="flatten", axis=1)
+    b.gemm(x, 8, classes, name="fc")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes])
+
+
+def batchnorm_model(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """Conv (no bias) -> BatchNormalization -> Relu -> GAP -> Flatten -> Gemm (BN not folded)."""
+    b = _Builder(seed)
+    x = b.conv("input", 3, 8, name="conv1", bias=False)
+    scale = b.init("bn.scale", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    shift = b.init("bn.bias", b.rng.normal(0, 0.1, 8).astype(np.float32))
+    mean = b.init("bn.mean", b.rng.normal(0, 0.1, 8).astype(np.float32))
+    var = b.init("bn.var", b.rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    x = b.node("BatchNormalization", [x, scale, shift, mean, var], name="bn", epsilon=1e-5)
+    x = b.node("Relu", [x], name="relu")
+    x = b.node("GlobalAveragePool", [x], name="gap")
+    x = b.node("Flatten", [x], name="flatten", axis=1)
+    b.gemm(x, 8, classes, name="fc")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes])
+
+
+def matmul_mlp(seed: int = 0, features: int = 16, hidden: int = 32,
+               classes: int = 10) -> onnx.ModelProto:
+    """MatMul(W1) -> Add(b1) -> Relu -> MatMul(W2) -> Add(b2) on a ``[N, features]`` input."""
+    b = _Builder(seed)
+    w1 = b.weight("w1", (features, hidden), fan_in=features)
+    x = b.node("MatMul", ["input", w1], name="matmul1")
+    x = b.node("Add", [x, b.init("b1", np.zeros(hidden, np.float32))], name="add1")
+    x = b.node("Relu", [x], name="relu1")
+    w2 = b.weight("w2", (hidden, classes), fan_in=hidden)
+    x = b.node("MatMul", [x, w2], name="matmul2")
+    b.node("Add", [x, b.init("b2", np.zeros(classes, np.float32))], name="add2")
+    return b.model(["N", features], "logits", ["N", classes])
+
+
+def shared_weight(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """Two Convs that read the same weight initializer, then GAP -> Flatten -> Gemm."""
+    b = _Builder(seed)
+    x = b.node("Relu", [b.conv("input", 3, 8, name="conv1")], name="relu1")
+    w = b.weight("shared.weight", (8, 8, 3, 3), fan_in=72)
+    y = b.node("Conv", [x, w], name="conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.node("Relu", [y], name="relu_a")
+    y = b.node("Conv", [y, w], name="conv_b", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.node("Relu", [y], name="relu_b")
+    y = b.node("GlobalAveragePool", [y], name="gap")
+    y = b.node("Flatten", [y], name="flatten", axis=1)
+    b.gemm(y, 8, classes, name="fc")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes])
+
+
+ALL_BUILDERS = {
+    "conv_relu_gemm": conv_relu_gemm,
+    "residual_block": residual_block,
+    "batchnorm_model": batchnorm_model,
+    "matmul_mlp": matmul_mlp,
+    "shared_weight": shared_weight,
+}
+
+
+def save(model: onnx.ModelProto, path: str) -> str:
+    """Write ``model`` to ``path`` and return the path as a string."""
+    onnx.save(model, str(path))
+    return str(path)
