@@ -1,0 +1,131 @@
+"""``onnxbits shrink``: learn per-layer bitlengths and write MODEL.bits.onnx + MODEL.bits.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from onnxbits.cli.errors import handle_errors
+from onnxbits.cli.options import preprocess_options, preprocess_from_options
+from onnxbits.config import GRANULARITIES, LOSSES, ShrinkConfig
+from onnxbits.cost import OBJECTIVES
+from onnxbits.emit import TARGETS
+
+
+class _ProgressView:
+    """Render pipeline events as a rich progress bar on stderr."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.task: Any = None
+
+    def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "stage":
+            if self.task is not None:
+                self.progress.update(self.task, visible=True)
+            total = info.get("total")
+            self.task = self.progress.add_task(info["name"], total=total, info="")
+            if not self.progress.live.is_started:
+                self.progress.start()
+        elif kind == "decode":
+            self.progress.advance(self.task, info["n"])
+        elif kind == "step":
+            r = info["record"]
+            self.progress.update(self.task, advance=1, info=(
+                f"{r.phase} loss {r.task:.4f} bits {r.avg_bits:.2f}"))
+
+    def close(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
+@click.command("shrink")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@preprocess_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output model (default MODEL.bits.onnx); the report goes next to it as .json.")
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Separate labelled folder for measuring; default: DATA/val if it exists, else a "
+                   "seeded held-out share of DATA (never trained on).")
+@click.option("--steps", type=int, default=300, show_default=True,
+              help="Fine-tune steps in total (learning phase + frozen-bit phase).")
+@click.option("--frozen-steps", type=int, default=None,
+              help="Steps at frozen integer bits at the end (default 30%% of --steps).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate of the weights and biases.")
+@click.option("--bits-lr", type=float, default=None,
+              help="Adam learning rate of the bitlengths (default 2 (max-min) / learning steps).")
+@click.option("--lambda", "lam", type=float, default=0.05, show_default=True,
+              help="Weight of the bit cost in the loss: loss = task + lambda * cost.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="bits", show_default=True,
+              help="Bit cost: bits = average per-layer bitlength, memory = bits per weight "
+                   "(size-weighted), bops = MACs x weight bits x activation bits.")
+@click.option("--loss", type=click.Choice(LOSSES), default="kd", show_default=True,
+              help="Task loss: kd = distillation from the float model (no labels needed), "
+                   "ce = cross-entropy on labels, kd+ce = both.")
+@click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
+@click.option("--max-bits", type=int, default=8, show_default=True,
+              help="Largest (and starting) bitlength.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="layer",
+              show_default=True, help="One weight bitlength per layer or per output channel.")
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
+              help="ort = fastest in ONNX Runtime (k-bit weights in int8, activations executed in "
+                   "8 bits over the learned range); exact-sim = exact k-bit weights and "
+                   "activations (QuantizeLinear -> Clip -> DequantizeLinear).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--eval-fraction", type=float, default=0.2, show_default=True,
+              help="Share of DATA held out for measuring when there is no separate eval set.")
+@click.option("--max-train-images", type=int, default=None,
+              help="Use at most this many fine-tune images (a seeded sample).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def shrink_command(model: Path, data: Path, classes: Path | None, output: Path | None,
+                   eval_data: Path | None, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Learn a bitlength for every layer of MODEL and write MODEL.bits.onnx plus a JSON report.
+
+    Example: onnxbits shrink resnet20.onnx --data cifar/ --preset cifar10 --steps 400
+    """
+    from onnxbits.pipeline import shrink
+
+    pre = preprocess_from_options(**options)
+    keys = ("steps", "frozen_steps", "batch_size", "lr", "bits_lr", "lam", "objective", "loss",
+            "min_bits", "max_bits", "granularity", "target", "device", "seed", "eval_fraction",
+            "max_train_images", "threads")
+    cfg = ShrinkConfig(data=data, preprocess=pre, output=output, eval_data=eval_data,
+                       classes=classes, **{k: options[k] for k in keys})
+    console = Console(stderr=True)
+    view = None if (quiet or as_json) else _ProgressView(console)
+    try:
+        result = shrink(model, cfg, on_event=view)
+    finally:
+        if view is not None:
+            view.close()
+    if as_json:
+        click.echo(json.dumps(result.report))
+        return
+    from onnxbits.cli.report import print_report
+
+    print_report(result.report, Console())
+    acc = result.report["accuracy"]
+    out = Console()
+    for name in ("float", "quantized", "torch_sim_k_bit"):
+        a = acc[name]
+        top = f"top-1 {a['top1']:.2f}  top-5 {a['top5']:.2f}  " if "top1" in a else ""
+        out.print(f"{name:>16}: {top}agreement with float {a['agreement']:.2f}%")
+    v = result.report["verification"]
+    out.print(f"verified in ONNX Runtime: max {v['max_steps']:.2f} quantization steps "
+              f"over {v['tensors']} tensors")
+    out.print(f"wrote {result.output} and {result.report_path}")

@@ -1,0 +1,77 @@
+"""Validated options of a shrink run (every check names the CLI option it comes from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxbits.cost import OBJECTIVES
+from onnxbits.data import Preprocess
+from onnxbits.emit import TARGETS
+from onnxbits.errors import ConfigError
+
+LOSSES = ("kd", "ce", "kd+ce")
+GRANULARITIES = ("layer", "channel")
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Everything ``onnxbits shrink`` needs besides the model path."""
+
+    data: Path
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    output: Path | None = None
+    eval_data: Path | None = None
+    classes: Path | None = None
+    steps: int = 300
+    frozen_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    alpha_lr: float = 1e-2
+    bits_lr: float | None = None
+    lam: float = 0.05
+    objective: str = "bits"
+    loss: str = "kd"
+    min_bits: int = 2
+    max_bits: int = 8
+    granularity: str = "layer"
+    target: str = "ort"
+    device: str = "cpu"
+    seed: int = 0
+    eval_fraction: float = 0.2
+    verify_batches: int = 2
+    max_train_images: int | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.frozen_steps is None or 0 <= self.frozen_steps <= self.steps,
+             f"--frozen-steps must be between 0 and --steps ({self.steps}), got {self.frozen_steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
+            (self.bits_lr is None or self.bits_lr >= 0, f"--bits-lr must be >= 0, got {self.bits_lr}"),
+            (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
+            (self.objective in OBJECTIVES,
+             f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (2 <= self.min_bits <= 16, f"--min-bits must be between 2 and 16, got {self.min_bits}"),
+            (2 <= self.max_bits <= 8,
+             f"--max-bits must be between 2 and 8 (int8 containers), got {self.max_bits}"),
+            (self.min_bits <= self.max_bits,
+             f"--min-bits ({self.min_bits}) cannot be larger than --max-bits ({self.max_bits})"),
+            (self.granularity in GRANULARITIES,
+             f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"),
+            (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}"),
+            (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+             f"--device must be cpu or cuda, got {self.device!r}"),
+            (0 < self.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")

@@ -1,0 +1,200 @@
+"""``shrink``: import -> quantize -> fine-tune -> freeze -> emit -> verify -> evaluate -> write.
+
+Nothing is written until the emitted model has passed verification; the model and its JSON report
+are written atomically, and the input file is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from onnxbits.config import ShrinkConfig
+from onnxbits.data import ImageTensors, decode_images, holdout_split, load_image_set, split_data_dir
+from onnxbits.emit import emit
+from onnxbits.errors import ConfigError, DataError, InvalidModelError
+from onnxbits.evaluate import agreement, make_session, predict_logits, topk_accuracy
+from onnxbits.importer import convert, find_sites
+from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
+from onnxbits.normalize import normalize
+from onnxbits.train import StepRecord, TrainConfig, fine_tune
+from onnxbits.verify import verify
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class ShrinkResult:
+    """What a shrink produced: paths, accuracies, the per-layer report and the history."""
+
+    output: Path
+    report_path: Path
+    report: dict[str, Any]
+    history: list[StepRecord] = field(default_factory=list)
+
+
+def default_output(model_path: Path) -> Path:
+    """``model.onnx`` -> ``model.bits.onnx`` next to the input."""
+    return model_path.with_name(model_path.stem + ".bits.onnx")
+
+
+def check_output_path(model_path: Path, output: Path) -> None:
+    """Refuse to overwrite the input or to write into a missing or read-only folder."""
+    if output.resolve() == model_path.resolve():
+        raise ConfigError(f"output {output} is the input model; choose another -o/--output path")
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"output folder {folder} does not exist; create it or change -o/--output")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"output folder {folder} is not writable; change -o/--output")
+    if output.suffix != ".onnx":
+        raise ConfigError(f"output {output} must end in .onnx; change -o/--output")
+
+
+def _emit_event(on_event: Event | None, kind: str, **info: Any) -> None:
+    if on_event is not None:
+        on_event(kind, info)
+
+
+def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
+                ) -> tuple[ImageTensors, ImageTensors, dict[str, Any]]:
+    """Decode the fine-tune split and the held-out evaluation split (never trained on)."""
+    train_dir, val_dir = split_data_dir(cfg.data)
+    if cfg.eval_data is not None:
+        val_dir = Path(cfg.eval_data)
+    train_set = load_image_set(train_dir, cfg.classes)
+    if val_dir is not None:
+        eval_set = load_image_set(val_dir, cfg.classes)
+        split = {"train": str(train_dir), "eval": str(val_dir)}
+    else:
+        train_idx, eval_idx = holdout_split(len(train_set), cfg.eval_fraction, cfg.seed)
+        eval_set, train_set = train_set.subset(eval_idx), train_set.subset(train_idx)
+        split = {"train": str(train_dir), "eval": f"held-out {cfg.eval_fraction:.0%} of {train_dir} "
+                 f"(seed {cfg.seed})"}
+    if cfg.max_train_images is not None and len(train_set) > cfg.max_train_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))
+                       [:cfg.max_train_images])
+        train_set = train_set.subset(keep)
+    progress = (lambda k: _emit_event(on_event, "decode", n=k))
+    _emit_event(on_event, "stage", name="decode", total=len(train_set) + len(eval_set))
+    train, bad_train = decode_images(train_set, cfg.preprocess, workers=2, progress=progress)
+    evaluation, bad_eval = decode_images(eval_set, cfg.preprocess, workers=2, progress=progress)
+    split.update(n_train=len(train), n_eval=len(evaluation), bad_images=bad_train + bad_eval)
+    if len(train) == 0 or len(evaluation) == 0:
+        raise DataError(f"{cfg.data}: too few images to fine-tune and evaluate; add images")
+    return train, evaluation, split
+
+
+def _accuracy(logits: np.ndarray, tensors: ImageTensors, reference: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {"agreement": agreement(logits, reference)}
+    if tensors.has_labels:
+        result = topk_accuracy(logits, tensors.labels)
+        out.update(top1=result.top1, top5=result.top5)
+    return out
+
+
+@torch.no_grad()
+def torch_logits(net: QuantizedNetwork, tensors: ImageTensors, batch_size: int) -> np.ndarray:
+    """Logits of the torch (simulated k-bit) model on every image."""
+    parts = []
+    for start in range(0, len(tensors), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(tensors)))
+        parts.append(net(torch.from_numpy(tensors.batch(idx))).numpy())
+    return np.concatenate(parts)
+
+
+def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = None) -> ShrinkResult:
+    """Learn bitlengths for ``model_path`` and write the quantized model and its report."""
+    started = time.perf_counter()
+    model_path = Path(model_path)
+    output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
+    report_path = output.with_suffix(".json")
+    original = load_model(model_path)
+    check_output_path(model_path, output)
+    found = quantized_nodes(original)
+    if found:
+        raise InvalidModelError(
+            f"{model_path}: already quantized (node '{found[0].name}' is {found[0].op_type}); "
+            "pass the float model")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(cfg.seed)
+    _emit_event(on_event, "stage", name="import")
+    model = normalize(original, str(model_path))
+    float_graph = convert(model, str(model_path))
+    sites = find_sites(model, float_graph)
+    if not sites:
+        raise InvalidModelError(f"{model_path}: no quantizable layer (Conv, Gemm or MatMul with a "
+                                "constant weight); nothing to shrink")
+    train, evaluation, split = load_splits(cfg, on_event)
+    if cfg.loss != "kd" and not train.has_labels:
+        raise ConfigError(f"--loss {cfg.loss} needs labels but {cfg.data} has none; use --loss kd")
+    _emit_event(on_event, "stage", name="teacher")
+    session = make_session(original, threads=cfg.threads)
+    teacher_train = predict_logits(session, train, batch_size=cfg.batch_size)
+    float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
+    _check_labels(train, teacher_train.shape[1])
+    net = attach_quantizers(model, float_graph, sites, min_bits=cfg.min_bits,
+                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel")
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        labels = torch.from_numpy(train.labels[idx]) if train.has_labels else None
+        return torch.from_numpy(train.batch(idx)), labels
+
+    calib = [fetch(np.arange(s, min(s + cfg.batch_size, len(train))))[0]
+             for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
+    calibrate(net, calib)
+    tcfg = TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
+                       lr=cfg.lr, alpha_lr=cfg.alpha_lr, bits_lr=cfg.bits_lr, lam=cfg.lam,
+                       objective=cfg.objective, loss=cfg.loss, seed=cfg.seed)
+    _emit_event(on_event, "stage", name="fine-tune", total=cfg.steps)
+    history = fine_tune(net, fetch, torch.from_numpy(teacher_train), len(train), tcfg,
+                        on_step=lambda r: _emit_event(on_event, "step", record=r))
+    _emit_event(on_event, "stage", name="emit")
+    source = {"model": model_path.name, "objective": cfg.objective, "lambda": cfg.lam,
+              "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
+              "max_bits": cfg.max_bits, "granularity": cfg.granularity}
+    emitted = emit(model, net, cfg.target, source=source)
+    verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
+    _emit_event(on_event, "stage", name="evaluate")
+    quant_eval = predict_logits(make_session(emitted, threads=cfg.threads), evaluation,
+                                batch_size=cfg.batch_size)
+    sim_eval = torch_logits(net, evaluation, cfg.batch_size)
+    from onnxbits.report import analyze_model
+
+    report = analyze_model(emitted).to_dict()
+    report.update(
+        model=str(model_path), output=str(output), target=cfg.target, data=split,
+        accuracy={"float": _accuracy(float_eval, evaluation, float_eval),
+                  "quantized": _accuracy(quant_eval, evaluation, float_eval),
+                  "torch_sim_k_bit": _accuracy(sim_eval, evaluation, float_eval)},
+        verification=verification.to_dict(), config=_config_dict(cfg),
+        seconds=round(time.perf_counter() - started, 1))
+    save_model_atomic(emitted, output)
+    write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
+    return ShrinkResult(output, report_path, report, history)
+
+
+def _check_labels(tensors: ImageTensors, outputs: int) -> None:
+    if tensors.has_labels and len(tensors.labels) and int(tensors.labels.max()) >= outputs:
+        raise DataError(f"label {int(tensors.labels.max())} is out of range for the model's "
+                        f"{outputs} outputs; check --classes and --label-offset")
+
+
+def _config_dict(cfg: ShrinkConfig) -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.__dict__.items():
+        out[key] = str(value) if isinstance(value, Path) else value
+    out["preprocess"] = cfg.preprocess.__dict__ if hasattr(cfg.preprocess, "__dict__") else str(cfg.preprocess)
+    return json.loads(json.dumps(out, default=str))

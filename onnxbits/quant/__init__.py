@@ -1,0 +1,1 @@
+"""Quantization numerics in torch: integer ranges, the interpolated fake-quantizer, modules."""

@@ -1,0 +1,127 @@
+"""The learnable-bitlength quantizer module used for weights and activations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from onnxbits.quant.fakequant import fixed_quant, interpolated_quant
+
+
+def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
+    """The one rule that turns fractional bitlengths into integers: ``k = floor(n + 1/2)``,
+    clamped to ``[min_bits, max_bits]`` (round half up).
+
+    >>> freeze_rule(torch.tensor([2.49, 2.5, 7.9, 9.0]), 2, 8).tolist()
+    [2.0, 3.0, 8.0, 8.0]
+    """
+    return torch.clamp(torch.floor(bits + 0.5), min_bits, max_bits)
+
+
+class BitQuantizer(nn.Module):
+    """Fake-quantizer with a learnable clip value ``alpha`` and a learnable fractional bitlength.
+
+    ``forward(x) = Q(x, n)`` as defined in :mod:`onnxbits.quant.fakequant`, with
+    ``alpha = exp(log_alpha)`` (one per channel along ``channel_axis``, or one per tensor) and
+    ``n`` one per tensor (``per_channel_bits=False``) or one per channel. After :meth:`freeze`
+    the bitlength is an integer ``k`` and ``forward(x) = Q_int(x, k)``. ``exec_bits`` overrides
+    the frozen bits to simulate a runtime that executes the tensor at a different resolution over
+    the same clip range.
+    """
+
+    def __init__(self, *, signed: bool, narrow: bool = False, num_channels: int = 1,
+                 channel_axis: int = 0, per_channel_bits: bool = False, min_bits: int = 2,
+                 max_bits: int = 8, init_bits: float | None = None) -> None:
+        super().__init__()
+        if not 1 <= min_bits <= max_bits <= 16:
+            raise ValueError(f"need 1 <= min_bits <= max_bits <= 16, got {min_bits}, {max_bits}")
+        self.signed = signed
+        self.narrow = narrow
+        self.channel_axis = channel_axis
+        self.min_bits = min_bits
+        self.max_bits = max_bits
+        n_bits = num_channels if per_channel_bits else 1
+        start = float(max_bits if init_bits is None else init_bits)
+        self.log_alpha = nn.Parameter(torch.zeros(num_channels))
+        self.bits = nn.Parameter(torch.full((n_bits,), start))
+        self.register_buffer("frozen_bits", torch.zeros(n_bits))
+        self.frozen = False
+        self.enabled = True
+        self.exec_bits: int | None = None
+
+    def extra_repr(self) -> str:
+        bits = self.frozen_bits if self.frozen else self.bits.detach()
+        kind = "frozen" if self.frozen else "learned"
+        alpha = self.alpha().detach()
+        return (f"signed={self.signed}, channels={alpha.numel()}, {kind} bits="
+                f"{bits.mean().item():.2f}, alpha~{alpha.mean().item():.4g}")
+
+    def _shape(self, t: Tensor, x: Tensor) -> Tensor:
+        if t.numel() == 1 or x.dim() == 0:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = t.numel()
+        return t.reshape(shape)
+
+    def alpha(self) -> Tensor:
+        """The clip value(s) ``exp(log_alpha)``."""
+        return self.log_alpha.exp()
+
+    def effective_bits(self) -> Tensor:
+        """Per-group bitlength: the fractional ``n`` (clamped) or the frozen integer."""
+        if self.frozen:
+            return self.frozen_bits
+        return self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
+
+    @torch.no_grad()
+    def init_alpha(self, alpha: Tensor) -> None:
+        """Set the clip value(s) (broadcast to the channel count); values <= 0 become tiny."""
+        self.log_alpha.copy_(torch.log(alpha.float().clamp_min(1e-8)).expand_as(self.log_alpha))
+
+    @torch.no_grad()
+    def clamp_bits(self) -> None:
+        """Keep the learnable bitlength inside ``[min_bits, max_bits]`` (after an optimizer step)."""
+        self.bits.clamp_(self.min_bits, self.max_bits)
+
+    @torch.no_grad()
+    def freeze(self, bits: Tensor | None = None) -> None:
+        """Fix integer bits: ``bits`` if given, else :func:`freeze_rule` of the learned ``n``."""
+        k = freeze_rule(self.bits, self.min_bits, self.max_bits) if bits is None else bits
+        self.frozen_bits.copy_(torch.as_tensor(k, dtype=torch.float32).expand_as(self.frozen_bits))
+        self.frozen = True
+        self.bits.requires_grad_(False)
+
+    def step(self) -> Tensor:
+        """Quantization step ``alpha / qmax`` at the bits used in forward (frozen or exec)."""
+        bits = self._forward_bits()
+        if self.signed:
+            qmax = torch.exp2(bits - 1) - 1
+        else:
+            qmax = torch.exp2(bits) - 1
+        return self.alpha() / qmax
+
+    def _forward_bits(self) -> Tensor:
+        if self.exec_bits is not None:
+            return torch.full_like(self.frozen_bits, float(self.exec_bits))
+        return self.frozen_bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        alpha = self._shape(self.alpha(), x).to(x.dtype)
+        if self.frozen or self.exec_bits is not None:
+            bits = self._shape(self._forward_bits(), x).to(x.dtype)
+            return fixed_quant(x, alpha, bits, self.signed, self.narrow)
+        n = self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
+        lo = torch.clamp(torch.floor(n.detach()), self.min_bits, max(self.min_bits, self.max_bits - 1))
+        a = n - lo
+        return interpolated_quant(x, alpha, self._shape(lo, x).to(x.dtype),
+                                  self._shape(a, x).to(x.dtype), self.signed, self.narrow)
+
+
+def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:
+    """LSQ's initial step ``2 mean|x| / sqrt(qmax)`` expressed as a clip value ``step * qmax``."""
+    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    return 2 * x.abs().mean() * math.sqrt(qmax)
