@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,8 @@ class _ProgressView:
 
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
         if kind == "stage":
-            if self.task is not None:
-                self.progress.update(self.task, visible=True)
-            total = info.get("total")
-            self.task = self.progress.add_task(info["name"], total=total, info="")
+            self._finish()
+            self.task = self.progress.add_task(info["name"], total=info.get("total") or 1, info="")
             if not self.progress.live.is_started:
                 self.progress.start()
         elif kind == "decode":
@@ -43,7 +42,13 @@ class _ProgressView:
             self.progress.update(self.task, advance=1, info=(
                 f"{r.phase} loss {r.task:.4f} bits {r.avg_bits:.2f}"))
 
+    def _finish(self) -> None:
+        if self.task is not None:
+            total = self.progress.tasks[-1].total
+            self.progress.update(self.task, completed=total)
+
     def close(self) -> None:
+        self._finish()
         if self.progress.live.is_started:
             self.progress.stop()
 
@@ -56,6 +61,11 @@ class _ProgressView:
 @click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Separate labelled folder for measuring; default: DATA/val if it exists, else a "
                    "seeded held-out share of DATA (never trained on).")
+@click.option("--include", metavar="GLOB",
+              help="Fine-tune only on images whose path relative to DATA matches GLOB "
+                   "(e.g. '*/0[0-4]*.jpg').")
+@click.option("--eval-include", metavar="GLOB",
+              help="Measure only on images of the eval folder whose relative path matches GLOB.")
 @click.option("--steps", type=int, default=300, show_default=True,
               help="Fine-tune steps in total (learning phase + frozen-bit phase).")
 @click.option("--frozen-steps", type=int, default=None,
@@ -103,7 +113,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bits_lr", "lam", "objective", "loss",
             "min_bits", "max_bits", "granularity", "target", "device", "seed", "eval_fraction",
-            "max_train_images", "threads")
+            "max_train_images", "threads", "include", "eval_include")
     cfg = ShrinkConfig(data=data, preprocess=pre, output=output, eval_data=eval_data,
                        classes=classes, **{k: options[k] for k in keys})
     console = Console(stderr=True)
@@ -117,10 +127,11 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
         click.echo(json.dumps(result.report))
         return
     from onnxbits.cli.report import print_report
+    from onnxbits.report import analyze_model
 
-    print_report(result.report, Console())
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    print_report(analyze_model(result.output), out)
     acc = result.report["accuracy"]
-    out = Console()
     for name in ("float", "quantized", "torch_sim_k_bit"):
         a = acc[name]
         top = f"top-1 {a['top1']:.2f}  top-5 {a['top5']:.2f}  " if "top1" in a else ""

@@ -23,6 +23,8 @@ class ShrinkConfig:
     output: Path | None = None
     eval_data: Path | None = None
     classes: Path | None = None
+    include: str | None = None
+    eval_include: str | None = None
     steps: int = 300
     frozen_steps: int | None = None
     batch_size: int = 64

@@ -62,6 +62,9 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
         raise InvalidModelError(f"{path}: cannot write into {folder} ({exc.strerror}); "
                                 "choose a writable output folder") from exc
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

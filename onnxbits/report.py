@@ -1,0 +1,341 @@
+"""Per-layer bit report of any ONNX model (float, onnxbits output, ORT QDQ) and its formatters.
+
+Bits come from the ``onnxbits`` metadata entry when present (authoritative), else from the graph:
+weight bits from the DequantizeLinear on the weight (see ``graph.weight_bits``), activation bits
+from Q -> [Clip] -> DQ on the data input (``graph.activation_quant``); float tensors count as 32.
+
+Totals: ``avg_weight_bits = mean_l w_l``, ``avg_act_bits = mean_l a_l``,
+``avg_bits = (sum w + sum a) / (2 L)``, ``size_weighted_weight_bits = sum p_l w_l / sum p_l``,
+``bops_l = macs_l * w_l * a_l``, ``quantized_weight_bytes = sum p * w / 8``,
+``compression = float_weight_bytes / stored_weight_bytes`` (weights read by several layers count
+once in the byte and param totals). The library never prints; formatters return values.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxbits.errors import InvalidModelError
+from onnxbits.graph import (
+    GraphIndex,
+    activation_quant,
+    infer_shapes,
+    quantizable_nodes,
+    weight_bits,
+)
+from onnxbits.io import load_model, write_bytes_atomic
+from onnxbits.macs import layer_cost
+
+log = logging.getLogger(__name__)
+METADATA_KEY = "onnxbits"
+METADATA_FORMAT = 1
+TARGETS = ("ort", "exact-sim", "pack")
+FLOAT_BITS = 32
+
+
+def layer_entry(weight_bits: int, act_bits: int | None, act_tensor: str | None, act_signed: bool,
+                weight_container_bits: int, act_exec_bits: int | None) -> dict[str, Any]:
+    """Return one ``layers`` entry of the onnxbits metadata (act_* None for a float input)."""
+    return {"weight_bits": int(weight_bits), "act_bits": act_bits, "act_tensor": act_tensor,
+            "act_signed": bool(act_signed), "weight_container_bits": int(weight_container_bits),
+            "act_exec_bits": act_exec_bits}
+
+
+def write_metadata(model: onnx.ModelProto, target: str, layers: dict[str, dict[str, Any]],
+                   source: dict[str, Any] | None = None) -> None:
+    """Set ``metadata_props['onnxbits']`` of ``model`` in place.
+
+    The value is ``{"format": 1, "target": "ort"|"exact-sim"|"pack", "layers": {node name:
+    layer_entry(...)}, "source": {...}}`` as JSON.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    text = json.dumps({"format": METADATA_FORMAT, "target": target, "layers": layers,
+                       "source": source or {}}, sort_keys=True)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = text
+            return
+    model.metadata_props.add(key=METADATA_KEY, value=text)
+
+
+def read_metadata(model: onnx.ModelProto, source: str = "model") -> dict[str, Any]:
+    """Return the parsed onnxbits metadata of ``model`` ({} when absent)."""
+    text = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidModelError(f"{source}: metadata '{METADATA_KEY}' is not valid JSON ({exc}); "
+                                "re-emit the model with onnxbits or delete the entry") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
+        raise InvalidModelError(f"{source}: metadata '{METADATA_KEY}' is not a JSON object with a "
+                                "'layers' object; re-emit the model with onnxbits")
+    return meta
+
+
+@dataclass
+class LayerReport:
+    """One quantizable layer. Float tensors have bits 32; ``*_quantized`` says which are not."""
+
+    name: str
+    op: str
+    weight_shape: list[int]
+    params: int
+    bias_params: int
+    macs: int | None
+    weight_bits: int
+    act_bits: int
+    weight_container_bits: int
+    act_exec_bits: int
+    weight_bytes: int
+    bops: int
+    weight_quantized: bool
+    act_quantized: bool
+    act_tensor: str | None
+    bits_from: str  # "metadata" or "graph"
+
+
+@dataclass
+class ModelReport:
+    """Per-layer rows and model totals (see the module docstring for the formulas)."""
+
+    source: str
+    layers: list[LayerReport]
+    avg_weight_bits: float
+    avg_act_bits: float
+    avg_bits: float
+    size_weighted_weight_bits: float
+    total_params: int
+    total_bias_params: int
+    total_macs: int
+    total_bops: int
+    float_weight_bytes: int
+    quantized_weight_bytes: float
+    stored_weight_bytes: int
+    model_file_bytes: int
+    compression: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a plain, JSON-ready dict."""
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Return the report as one JSON object."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary_lines(self) -> list[str]:
+        """Return the totals as short ``label: value`` lines."""
+        return [
+            f"layers: {len(self.layers)}",
+            f"avg weight bits: {self.avg_weight_bits:.2f}  avg activation bits: "
+            f"{self.avg_act_bits:.2f}  avg bits: {self.avg_bits:.2f}",
+            f"size-weighted weight bits: {self.size_weighted_weight_bits:.2f}",
+            f"params: {_si(self.total_params)} (+{_si(self.total_bias_params)} bias)  "
+            f"MACs: {_si(self.total_macs)}  BOPs: {_si(self.total_bops)}",
+            f"weights: float {_mb(self.float_weight_bytes)}, at learned bits "
+            f"{_mb(self.quantized_weight_bytes)}, stored {_mb(self.stored_weight_bytes)} "
+            f"({self.compression:.2f}x)  file: {_mb(self.model_file_bytes)}",
+        ]
+
+    def rows(self) -> list[list[str]]:
+        """Return the table cells per layer, in the order of ``HEADERS``."""
+        return [[str(i), r.name, r.op, "x".join(map(str, r.weight_shape)), _si(r.params),
+                 _si(r.macs), _bits(r.weight_bits, r.weight_quantized),
+                 _bits(r.act_bits, r.act_quantized), str(r.weight_container_bits),
+                 str(r.act_exec_bits), _si(r.weight_bytes)] for i, r in enumerate(self.layers)]
+
+    def to_markdown(self) -> str:
+        """Return a Markdown table (header, one row per layer) and the totals as a list."""
+        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+                  for row in self.rows()]
+        return "\n".join([*lines, "", *(f"- {s}" for s in self.summary_lines())]) + "\n"
+
+    def to_rich_table(self) -> Any:
+        """Return a ``rich.table.Table`` of the layers with the totals as its caption."""
+        from rich.table import Table
+
+        table = Table(title=f"onnxbits report: {self.source}",
+                      caption="\n".join(self.summary_lines()), caption_justify="left",
+                      caption_style="none")
+        for i, header in enumerate(HEADERS):
+            table.add_column(header, justify="left" if i in (1, 2, 3) else "right",
+                             overflow="fold" if i == 1 else "ellipsis")
+        for row in self.rows():
+            table.add_row(*row)
+        return table
+
+
+HEADERS = ["#", "layer", "op", "weight shape", "params", "MACs", "W bits", "A bits",
+           "W stored", "A exec", "W bytes"]
+
+
+def _bits(bits: int, quantized: bool) -> str:
+    return str(bits) if quantized else f"{bits} (float)"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+
+
+def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
+    """Read per-layer bits, params, MACs and sizes of ``model`` (a ModelProto or a file path)."""
+    if isinstance(model, (str, Path)):
+        source = str(model)
+        proto = load_model(model)
+        file_bytes = Path(model).stat().st_size
+    elif isinstance(model, onnx.ModelProto):
+        source, proto, file_bytes = model.graph.name or "model", model, model.ByteSize()
+        if not proto.graph.node:
+            raise InvalidModelError(f"{source}: the ONNX graph has no nodes; "
+                                    "pass a complete model")
+    else:
+        raise InvalidModelError("expected an ONNX ModelProto or a path, got "
+                                f"{type(model).__name__}")
+    meta = read_metadata(proto, source)
+    index = GraphIndex(proto)
+    shapes = infer_shapes(proto)
+    sites = quantizable_nodes(proto, index)
+    entries = meta.get("layers", {})
+    unknown = set(entries) - {s.name for s in sites}
+    if unknown:
+        log.warning("%s: metadata names layers not in the graph: %s", source, sorted(unknown)[:5])
+    layers: list[LayerReport] = []
+    stored: dict[str, tuple[int, int, int]] = {}
+    for site in sites:
+        cost = layer_cost(index, site, shapes)
+        w_bits, w_container, w_quant = weight_bits(index, site)
+        act = activation_quant(index, site.input_name)
+        a_bits, a_exec = (act.bits, act.exec_bits) if act else (FLOAT_BITS, FLOAT_BITS)
+        a_quant, a_tensor = act is not None, act.tensor if act else None
+        entry = entries.get(site.name)
+        if entry is not None:
+            w_bits, w_quant = int(entry["weight_bits"]), True
+            w_container = int(entry.get("weight_container_bits") or w_container)
+            a_quant = entry.get("act_bits") is not None
+            a_bits = int(entry["act_bits"]) if a_quant else FLOAT_BITS
+            a_exec = int(entry.get("act_exec_bits") or (a_exec if a_quant else FLOAT_BITS))
+            a_tensor = (entry.get("act_tensor") or a_tensor) if a_quant else None
+        w_bytes = math.ceil(cost.params * w_container / 8)
+        layers.append(LayerReport(
+            site.name, site.op, list(site.weight_shape), cost.params, cost.bias_params, cost.macs,
+            w_bits, a_bits, w_container, a_exec, w_bytes, (cost.macs or 0) * w_bits * a_bits,
+            w_quant, a_quant, a_tensor, "metadata" if entry is not None else "graph"))
+        prev = stored.get(site.stored_name)
+        stored[site.stored_name] = (cost.params, max(w_bits, prev[1] if prev else 0), w_bytes)
+    return _totals(source, layers, stored, file_bytes, meta)
+
+
+def _totals(source: str, layers: list[LayerReport], stored: dict[str, tuple[int, int, int]],
+            file_bytes: int, meta: dict[str, Any]) -> ModelReport:
+    count = len(layers) or 1
+    sum_w = sum(r.weight_bits for r in layers)
+    sum_a = sum(r.act_bits for r in layers)
+    layer_params = sum(r.params for r in layers) or 1
+    params = sum(p for p, _, _ in stored.values())
+    stored_bytes = sum(b for _, _, b in stored.values())
+    return ModelReport(
+        source=source, layers=layers, avg_weight_bits=sum_w / count, avg_act_bits=sum_a / count,
+        avg_bits=(sum_w + sum_a) / (2 * count),
+        size_weighted_weight_bits=sum(r.params * r.weight_bits for r in layers) / layer_params,
+        total_params=params, total_bias_params=sum(r.bias_params for r in layers),
+        total_macs=sum(r.macs or 0 for r in layers), total_bops=sum(r.bops for r in layers),
+        float_weight_bytes=4 * params,
+        quantized_weight_bytes=sum(p * w / 8 for p, w, _ in stored.values()),
+        stored_weight_bytes=stored_bytes, model_file_bytes=file_bytes,
+        compression=4 * params / stored_bytes if stored_bytes else 1.0, metadata=meta)
+
+
+def _label(name: str, width: int = 34, head: int = 12) -> str:
+    """Shorten long names in the middle, keeping the start (block) and the end (op)."""
+    return name if len(name) <= width else name[:head] + "…" + name[-(width - head - 1):]
+
+
+def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
+    """Render bits (top) and params/MACs (bottom, log scale) per layer as a PNG.
+
+    Writes it to ``path`` when given and returns the PNG bytes. Uses the Agg canvas only (no
+    pyplot, no display); the width grows with the layer count (0.28 inch per layer).
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = report.layers
+    x = np.arange(len(rows))
+    width = max(8.0, 0.28 * len(rows) + 2.0)
+    fig = Figure(figsize=(width, 9.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    bar = 0.4
+    top.bar(x - bar / 2, [r.weight_bits for r in rows], bar, label="weight bits", color="#1f77b4")
+    top.bar(x + bar / 2, [r.act_bits for r in rows], bar, label="activation bits", color="#ff7f0e")
+    top.set_ylabel("bits")
+    top.grid(axis="y", alpha=0.3)
+    top.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize=8, frameon=False)
+    top.set_ylim(0, max([r.weight_bits for r in rows] + [r.act_bits for r in rows] + [8]) * 1.08)
+    bottom.bar(x - bar / 2, [max(r.params, 1) for r in rows], bar, label="params", color="#2ca02c")
+    bottom.bar(x + bar / 2, [max(r.macs or 1, 1) for r in rows], bar, label="MACs", color="#9467bd")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("count (log)")
+    bottom.grid(axis="y", alpha=0.3)
+    bottom.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize=8, frameon=False)
+    labels = [f"{i} {_label(r.name)}" for i, r in enumerate(rows)]
+    bottom.set_xticks(x, labels, rotation=90, fontsize=7)
+    top.set_xticks(x, [str(i) for i in x], fontsize=7)  # layer index here, full names below
+    for axes in (top, bottom):
+        axes.set_xlim(-0.7, len(rows) - 0.3)
+    fig.suptitle(f"{Path(report.source).name}: avg weight bits {report.avg_weight_bits:.2f}, "
+                 f"avg activation bits {report.avg_act_bits:.2f}, avg bits {report.avg_bits:.2f}  "
+                 f"({len(rows)} layers, {_si(report.total_params)} params, "
+                 f"{_si(report.total_macs)} MACs)", fontsize=11)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    data = buffer.getvalue()
+    if path is not None:
+        write_bytes_atomic(data, path)
+    return data
+
+
+def to_html(report: ModelReport, png: str | Path | bytes | None = None) -> str:
+    """Return one self-contained HTML page: totals, the plot (base64 PNG) and the layer table.
+
+    The PNG is read from ``png`` (a path or bytes) or rendered in memory when ``png`` is None.
+    """
+    data = png if isinstance(png, bytes) else Path(png).read_bytes() if png else plot(report)
+    image = base64.b64encode(data).decode("ascii")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                     for row in report.rows())
+    totals = "".join(f"<li>{html.escape(s)}</li>" for s in report.summary_lines())
+    title = html.escape(f"onnxbits report: {report.source}")
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}td{text-align:right}"
+             "td:nth-child(2),td:nth-child(3){text-align:left}img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{style}</style></head><body>\n<h1>{title}</h1>\n<ul>{totals}</ul>\n"
+            f"<img alt='bits per layer' src=\"data:image/png;base64,{image}\">\n"
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
+            "</body></html>\n")
