@@ -77,6 +77,12 @@ class _ProgressView:
               help="Adam learning rate of the bitlengths (default 2 (max-min) / learning steps).")
 @click.option("--lambda", "lam", type=float, default=0.05, show_default=True,
               help="Weight of the bit cost in the loss: loss = task + lambda * cost.")
+@click.option("--target-bits", type=float, default=None,
+              help="Budget mode: land on this average per-layer bitlength (lambda adapts).")
+@click.option("--target-size", "target_size_mb", type=float, default=None,
+              help="Budget mode: weight bytes at the learned bits, in MB (objective memory).")
+@click.option("--target-bops", "target_bops_g", type=float, default=None,
+              help="Budget mode: bit operations per image, in G (objective bops).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="bits", show_default=True,
               help="Bit cost: bits = average per-layer bitlength, memory = bits per weight "
                    "(size-weighted), bops = MACs x weight bits x activation bits.")
@@ -113,7 +119,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bits_lr", "lam", "objective", "loss",
             "min_bits", "max_bits", "granularity", "target", "device", "seed", "eval_fraction",
-            "max_train_images", "threads", "include", "eval_include")
+            "max_train_images", "threads", "include", "eval_include", "target_bits",
+            "target_size_mb", "target_bops_g")
     cfg = ShrinkConfig(data=data, preprocess=pre, output=output, eval_data=eval_data,
                        classes=classes, **{k: options[k] for k in keys})
     console = Console(stderr=True)

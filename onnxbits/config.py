@@ -32,6 +32,9 @@ class ShrinkConfig:
     alpha_lr: float = 1e-2
     bits_lr: float | None = None
     lam: float = 0.05
+    target_bits: float | None = None
+    target_size_mb: float | None = None
+    target_bops_g: float | None = None
     objective: str = "bits"
     loss: str = "kd"
     min_bits: int = 2
@@ -44,6 +47,16 @@ class ShrinkConfig:
     verify_batches: int = 2
     max_train_images: int | None = None
     threads: int | None = None
+
+    def budget_objective(self) -> str | None:
+        """The objective a budget option implies (None without a budget)."""
+        if self.target_bits is not None:
+            return "bits"
+        if self.target_size_mb is not None:
+            return "memory"
+        if self.target_bops_g is not None:
+            return "bops"
+        return None
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,6 +81,19 @@ class ShrinkConfig:
             (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be cpu or cuda, got {self.device!r}"),
             (0 < self.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
+        ]
+        budgets = [n for n, v in (("--target-bits", self.target_bits),
+                                  ("--target-size", self.target_size_mb),
+                                  ("--target-bops", self.target_bops_g)) if v is not None]
+        checks += [
+            (len(budgets) <= 1, f"{' and '.join(budgets)} cannot be used together; give one budget"),
+            (self.target_bits is None or self.min_bits <= self.target_bits <= self.max_bits,
+             f"--target-bits must lie between --min-bits ({self.min_bits}) and --max-bits "
+             f"({self.max_bits}), got {self.target_bits}"),
+            (self.target_size_mb is None or self.target_size_mb > 0,
+             f"--target-size must be > 0 MB, got {self.target_size_mb}"),
+            (self.target_bops_g is None or self.target_bops_g > 0,
+             f"--target-bops must be > 0 G, got {self.target_bops_g}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -25,7 +25,9 @@ from onnxbits.emit import emit
 from onnxbits.errors import ConfigError, DataError, InvalidModelError
 from onnxbits.evaluate import agreement, make_session, predict_logits, topk_accuracy
 from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.budget import LambdaController, freeze_to_budget
+from onnxbits.cost import LayerBits, bit_cost
+from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
 from onnxbits.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
 from onnxbits.normalize import normalize
 from onnxbits.train import StepRecord, TrainConfig, fine_tune
@@ -171,14 +173,23 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = N
     calib = [fetch(np.arange(s, min(s + cfg.batch_size, len(train))))[0]
              for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
     calibrate(net, calib)
+    objective, budget = budget_target(cfg, net)
     tcfg = TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, alpha_lr=cfg.alpha_lr, bits_lr=cfg.bits_lr, lam=cfg.lam,
-                       objective=cfg.objective, loss=cfg.loss, seed=cfg.seed)
+                       objective=objective, loss=cfg.loss, seed=cfg.seed)
+    moved: list[str] = []
+    controller = freeze = None
+    if budget is not None:
+        start = float(bit_cost(objective, layer_bits(net)).detach())
+        controller = LambdaController(budget, start, tcfg.learn_steps())
+        freeze = lambda n: moved.extend(freeze_to_budget(n, objective, budget))  # noqa: E731
     _emit_event(on_event, "stage", name="fine-tune", total=cfg.steps)
     history = fine_tune(net, fetch, torch.from_numpy(teacher_train), len(train), tcfg,
-                        on_step=lambda r: _emit_event(on_event, "step", record=r))
+                        on_step=lambda r: _emit_event(on_event, "step", record=r),
+                        lam_schedule=controller, freeze=freeze)
     _emit_event(on_event, "stage", name="emit")
-    source = {"model": model_path.name, "objective": cfg.objective, "lambda": cfg.lam,
+    source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
+              "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
               "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
               "max_bits": cfg.max_bits, "granularity": cfg.granularity}
     emitted = emit(model, net, cfg.target, source=source)
@@ -196,10 +207,42 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = N
                   "quantized": _accuracy(quant_eval, evaluation, float_eval),
                   "torch_sim_k_bit": _accuracy(sim_eval, evaluation, float_eval)},
         verification=verification.to_dict(), config=_config_dict(cfg),
+        budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
+                "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
     return ShrinkResult(output, report_path, report, history)
+
+
+def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float | None]:
+    """The objective and the budget in cost units (see :mod:`onnxbits.cost`).
+
+    ``--target-size MB`` -> memory cost ``MB * 8e6 / sum P_i`` (bits per weight);
+    ``--target-bops G`` -> BOPs cost ``G * 1e9 / (8 sum M_i)``.
+    """
+    objective = cfg.budget_objective()
+    if objective is None:
+        return cfg.objective, None
+    layers = layer_bits(net)
+    if objective == "bits":
+        return objective, float(cfg.target_bits)
+    if objective == "memory":
+        value = cfg.target_size_mb * 8e6 / sum(l.params for l in layers)
+    else:
+        value = cfg.target_bops_g * 1e9 / (8.0 * sum(l.macs for l in layers))
+    low = float(bit_cost(objective, _uniform(layers, cfg.min_bits)))
+    high = float(bit_cost(objective, _uniform(layers, cfg.max_bits)))
+    if not low <= value <= high:
+        option = "--target-size" if objective == "memory" else "--target-bops"
+        raise ConfigError(f"{option} is outside what --min-bits/--max-bits allow for this model "
+                          f"(cost {value:.2f}, possible {low:.2f} to {high:.2f}); change the budget")
+    return objective, value
+
+
+def _uniform(layers: list[LayerBits], bits: int) -> list[LayerBits]:
+    b = torch.tensor(float(bits))
+    return [LayerBits(b, b if l.act_bits is not None else None, l.params, l.macs) for l in layers]
 
 
 def _check_labels(tensors: ImageTensors, outputs: int) -> None:

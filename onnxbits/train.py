@@ -110,11 +110,14 @@ def freeze_all(net: QuantizedNetwork) -> None:
 def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
               teacher_logits: Tensor | None, n_train: int, cfg: TrainConfig,
               on_step: Callable[[StepRecord], None] | None = None,
-              lam_schedule: Callable[[int, float, float], float] | None = None) -> list[StepRecord]:
+              lam_schedule: Callable[[int, float, float], float] | None = None,
+              freeze: Callable[[QuantizedNetwork], object] | None = None) -> list[StepRecord]:
     """Run both phases; ``fetch(indices) -> (inputs, labels or None)``.
 
-    ``lam_schedule(step, lam, avg_bits) -> lam`` may adapt lambda during the learning phase.
+    ``lam_schedule(step, lam, cost) -> lam`` may adapt lambda during the learning phase;
+    ``freeze(net)`` replaces :func:`freeze_all` at the end of it (budget mode).
     """
+    freeze = freeze or freeze_all
     torch.manual_seed(cfg.seed)
     batches = batch_indices(n_train, cfg.batch_size, cfg.seed)
     learn = cfg.learn_steps()
@@ -125,7 +128,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     net.graph.eval()
     for step in range(cfg.steps):
         if step == learn:
-            freeze_all(net)
+            freeze(net)
             opt = _optimizer(net, cfg, bits=False)
             base_lrs = [g["lr"] for g in opt.param_groups]
         frozen = step >= learn
@@ -156,9 +159,9 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                             float(average_bits(layers).detach()), lam)
         history.append(record)
         if lam_schedule is not None and not frozen:
-            lam = lam_schedule(step, lam, record.avg_bits)
+            lam = lam_schedule(step, lam, record.cost)
         if on_step is not None:
             on_step(record)
     if learn == cfg.steps:
-        freeze_all(net)
+        freeze(net)
     return history
