@@ -18,12 +18,14 @@ def main(ctx: click.Context, debug: bool) -> None:
     onnxbits shrink model.onnx --data images/      learn bitlengths, write model.bits.onnx + report
     onnxbits report model.bits.onnx                per-layer bitlength table, sizes, BOPs
     onnxbits eval model.bits.onnx --data val/      top-1/top-5 in ONNX Runtime
+    onnxbits compare a.bits.onnx b.int8.onnx --data val/   side by side: bits, bytes, BOPs, accuracy
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
 def _register() -> None:
+    from onnxbits.cli.compare import compare_command
     from onnxbits.cli.eval import eval_command
     from onnxbits.cli.report import report_command
     from onnxbits.cli.shrink import shrink_command
@@ -31,6 +33,7 @@ def _register() -> None:
     main.add_command(shrink_command)
     main.add_command(report_command)
     main.add_command(eval_command)
+    main.add_command(compare_command)
 
 
 _register()

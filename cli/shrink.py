@@ -83,6 +83,10 @@ class _ProgressView:
               help="Budget mode: weight bytes at the learned bits, in MB (objective memory).")
 @click.option("--target-bops", "target_bops_g", type=float, default=None,
               help="Budget mode: bit operations per image, in G (objective bops).")
+@click.option("--max-drop", type=float, default=None,
+              help="Accuracy guard: after freezing, raise the bits of the most sensitive layers "
+                   "until top-1 on the evaluation split is at most this many points below float "
+                   "(without labels: 100 - agreement with the float model).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="bits", show_default=True,
               help="Bit cost: bits = average per-layer bitlength, memory = bits per weight "
                    "(size-weighted), bops = MACs x weight bits x activation bits.")
@@ -120,7 +124,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bits_lr", "lam", "objective", "loss",
             "min_bits", "max_bits", "granularity", "target", "device", "seed", "eval_fraction",
             "max_train_images", "threads", "include", "eval_include", "target_bits",
-            "target_size_mb", "target_bops_g")
+            "target_size_mb", "target_bops_g", "max_drop")
     cfg = ShrinkConfig(data=data, preprocess=pre, output=output, eval_data=eval_data,
                        classes=classes, **{k: options[k] for k in keys})
     console = Console(stderr=True)
@@ -146,4 +150,9 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     v = result.report["verification"]
     out.print(f"verified in ONNX Runtime: max {v['max_steps']:.2f} quantization steps "
               f"over {v['tensors']} tensors")
-    out.print(f"wrote {result.output} and {result.report_path}")
+    guard = result.report.get("guard") or {}
+    if guard and not guard.get("held"):
+        click.echo(f"Warning: --max-drop {guard['max_drop']} did not hold: the drop is "
+                   f"{guard['final_drop']:.2f} points after raising {len(guard['raised'])} "
+                   "group(s); see 'guard' in the JSON report", err=True)
+    out.print("wrote " + ", ".join(map(str, [result.output, result.report_path, *result.outputs])))

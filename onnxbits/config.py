@@ -35,6 +35,7 @@ class ShrinkConfig:
     target_bits: float | None = None
     target_size_mb: float | None = None
     target_bops_g: float | None = None
+    max_drop: float | None = None
     objective: str = "bits"
     loss: str = "kd"
     min_bits: int = 2
@@ -90,6 +91,8 @@ class ShrinkConfig:
             (self.target_bits is None or self.min_bits <= self.target_bits <= self.max_bits,
              f"--target-bits must lie between --min-bits ({self.min_bits}) and --max-bits "
              f"({self.max_bits}), got {self.target_bits}"),
+            (self.max_drop is None or self.max_drop >= 0,
+             f"--max-drop must be >= 0 points, got {self.max_drop}"),
             (self.target_size_mb is None or self.target_size_mb > 0,
              f"--target-size must be > 0 MB, got {self.target_size_mb}"),
             (self.target_bops_g is None or self.target_bops_g > 0,

@@ -24,6 +24,7 @@ from onnxbits.data import ImageSet, ImageTensors, decode_images, holdout_split, 
 from onnxbits.emit import emit
 from onnxbits.errors import ConfigError, DataError, InvalidModelError
 from onnxbits.evaluate import agreement, make_session, predict_logits, topk_accuracy
+from onnxbits.history import write_run_outputs
 from onnxbits.importer import convert, find_sites
 from onnxbits.budget import LambdaController, freeze_to_budget
 from onnxbits.cost import LayerBits, bit_cost
@@ -44,6 +45,7 @@ class ShrinkResult:
     report_path: Path
     report: dict[str, Any]
     history: list[StepRecord] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # OUT.png, OUT.history.{json,csv,png}
 
 
 def default_output(model_path: Path) -> Path:
@@ -132,7 +134,19 @@ def torch_logits(net: QuantizedNetwork, tensors: ImageTensors, batch_size: int) 
 
 
 def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = None) -> ShrinkResult:
-    """Learn bitlengths for ``model_path`` and write the quantized model and its report."""
+    """Learn bitlengths for ``model_path`` and write the quantized model and its report.
+
+    torch's process-wide settings (denormal flushing, thread count) are restored on return.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _shrink(model_path, cfg, on_event)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+def _shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None) -> ShrinkResult:
     started = time.perf_counter()
     model_path = Path(model_path)
     output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
@@ -187,6 +201,15 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = N
     history = fine_tune(net, fetch, torch.from_numpy(teacher_train), len(train), tcfg,
                         on_step=lambda r: _emit_event(on_event, "step", record=r),
                         lam_schedule=controller, freeze=freeze)
+    guard: dict[str, Any] = {}
+    if cfg.max_drop is not None:
+        _emit_event(on_event, "stage", name="accuracy guard")
+        retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
+                                 batch_size=cfg.batch_size, lr=cfg.lr, alpha_lr=cfg.alpha_lr,
+                                 loss=cfg.loss, seed=cfg.seed + 1)
+        guard = _apply_guard(cfg, model, net, evaluation, float_eval, calib, teacher_train,
+                             lambda: fine_tune(net, fetch, torch.from_numpy(teacher_train),
+                                               len(train), retune_cfg))
     _emit_event(on_event, "stage", name="emit")
     source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
               "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
@@ -207,12 +230,41 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = N
                   "quantized": _accuracy(quant_eval, evaluation, float_eval),
                   "torch_sim_k_bit": _accuracy(sim_eval, evaluation, float_eval)},
         verification=verification.to_dict(), config=_config_dict(cfg),
+        guard=guard,
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
-    return ShrinkResult(output, report_path, report, history)
+    outputs = write_run_outputs(output, report, history)
+    return ShrinkResult(output, report_path, report, history, outputs)
+
+
+def _drop(logits: np.ndarray, tensors: ImageTensors, float_logits: np.ndarray) -> float:
+    """Top-1 points lost vs the float model (labels), else 100 - agreement with it."""
+    if tensors.has_labels:
+        return (topk_accuracy(float_logits, tensors.labels).top1
+                - topk_accuracy(logits, tensors.labels).top1)
+    return 100.0 - agreement(logits, float_logits)
+
+
+def _apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork,
+                 evaluation: ImageTensors, float_eval: np.ndarray, calib: list[torch.Tensor],
+                 teacher_train: np.ndarray, retune: Callable[[], object]) -> dict[str, Any]:
+    """Run :func:`onnxbits.guard.enforce_max_drop` with the drop measured on the emitted model
+    in ONNX Runtime on the evaluation split."""
+    from onnxbits.guard import enforce_max_drop
+
+    def measure() -> float:
+        session = make_session(emit(model, net, cfg.target), threads=cfg.threads)
+        return _drop(predict_logits(session, evaluation, batch_size=cfg.batch_size), evaluation,
+                     float_eval)
+
+    teachers = [torch.from_numpy(teacher_train[i * cfg.batch_size:i * cfg.batch_size + len(x)])
+                for i, x in enumerate(calib)]
+    drop, raised = enforce_max_drop(net, measure, cfg.max_drop, calib, teachers, retune)
+    return {"max_drop": cfg.max_drop, "final_drop": drop, "held": drop <= cfg.max_drop,
+            "raised": raised}
 
 
 def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float | None]:

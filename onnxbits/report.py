@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,23 @@ class ModelReport:
         """Return the report as one JSON object."""
         return json.dumps(self.to_dict(), indent=indent)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelReport:
+        """Rebuild a report from :meth:`to_dict` output; other keys (e.g. shrink's) are ignored.
+
+        Raises:
+            InvalidModelError: A report field is missing.
+        """
+        names = {f.name for f in fields(cls)}
+        layer_names = {f.name for f in fields(LayerReport)}
+        try:
+            layers = [LayerReport(**{k: v for k, v in row.items() if k in layer_names})
+                      for row in data["layers"]]
+            return cls(**{**{k: v for k, v in data.items() if k in names}, "layers": layers})
+        except (KeyError, TypeError) as exc:
+            raise InvalidModelError(f"not an onnxbits report ({exc}); pass the dict from "
+                                    "ModelReport.to_dict() or a shrink report") from exc
+
     def summary_lines(self) -> list[str]:
         """Return the totals as short ``label: value`` lines."""
         return [
@@ -143,19 +160,22 @@ class ModelReport:
             f"avg weight bits: {self.avg_weight_bits:.2f}  avg activation bits: "
             f"{self.avg_act_bits:.2f}  avg bits: {self.avg_bits:.2f}",
             f"size-weighted weight bits: {self.size_weighted_weight_bits:.2f}",
-            f"params: {_si(self.total_params)} (+{_si(self.total_bias_params)} bias)  "
-            f"MACs: {_si(self.total_macs)}  BOPs: {_si(self.total_bops)}",
-            f"weights: float {_mb(self.float_weight_bytes)}, at learned bits "
-            f"{_mb(self.quantized_weight_bytes)}, stored {_mb(self.stored_weight_bytes)} "
-            f"({self.compression:.2f}x)  file: {_mb(self.model_file_bytes)}",
+            f"params: {format_count(self.total_params)} "
+            f"(+{format_count(self.total_bias_params)} bias)  "
+            f"MACs: {format_count(self.total_macs)}  BOPs: {format_count(self.total_bops)}",
+            f"weights: float {format_bytes(self.float_weight_bytes)}, at learned bits "
+            f"{format_bytes(self.quantized_weight_bytes)}, "
+            f"stored {format_bytes(self.stored_weight_bytes)} "
+            f"({self.compression:.2f}x)  file: {format_bytes(self.model_file_bytes)}",
         ]
 
     def rows(self) -> list[list[str]]:
         """Return the table cells per layer, in the order of ``HEADERS``."""
-        return [[str(i), r.name, r.op, "x".join(map(str, r.weight_shape)), _si(r.params),
-                 _si(r.macs), _bits(r.weight_bits, r.weight_quantized),
+        return [[str(i), r.name, r.op, "x".join(map(str, r.weight_shape)), format_count(r.params),
+                 format_count(r.macs), _bits(r.weight_bits, r.weight_quantized),
                  _bits(r.act_bits, r.act_quantized), str(r.weight_container_bits),
-                 str(r.act_exec_bits), _si(r.weight_bytes)] for i, r in enumerate(self.layers)]
+                 str(r.act_exec_bits), format_count(r.weight_bytes)]
+                for i, r in enumerate(self.layers)]
 
     def to_markdown(self) -> str:
         """Return a Markdown table (header, one row per layer) and the totals as a list."""
@@ -187,7 +207,12 @@ def _bits(bits: int, quantized: bool) -> str:
     return str(bits) if quantized else f"{bits} (float)"
 
 
-def _si(value: float | None) -> str:
+def format_count(value: float | None) -> str:
+    """Format a count with a k/M/G suffix (``None`` -> ``?``).
+
+    >>> format_count(13824), format_count(3.4e6), format_count(80)
+    ('13.82k', '3.40M', '80')
+    """
     if value is None:
         return "?"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -196,7 +221,12 @@ def _si(value: float | None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _mb(value: float) -> str:
+def format_bytes(value: float) -> str:
+    """Format a byte count as kB (below 100 kB) or MB.
+
+    >>> format_bytes(1472), format_bytes(3.5e6)
+    ('1.5 kB', '3.500 MB')
+    """
     return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
 
 
@@ -307,10 +337,11 @@ def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
     top.set_xticks(x, [str(i) for i in x], fontsize=7)  # layer index here, full names below
     for axes in (top, bottom):
         axes.set_xlim(-0.7, len(rows) - 0.3)
-    fig.suptitle(f"{Path(report.source).name}: avg weight bits {report.avg_weight_bits:.2f}, "
-                 f"avg activation bits {report.avg_act_bits:.2f}, avg bits {report.avg_bits:.2f}  "
-                 f"({len(rows)} layers, {_si(report.total_params)} params, "
-                 f"{_si(report.total_macs)} MACs)", fontsize=11)
+    fig.suptitle(f"{Path(report.source).name}: {len(rows)} layers, "
+                 f"{format_count(report.total_params)} params, "
+                 f"{format_count(report.total_macs)} MACs\navg weight bits "
+                 f"{report.avg_weight_bits:.2f}, avg activation bits {report.avg_act_bits:.2f}, "
+                 f"avg bits {report.avg_bits:.2f}", fontsize=11)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     data = buffer.getvalue()

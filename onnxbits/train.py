@@ -127,7 +127,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     history: list[StepRecord] = []
     net.graph.eval()
     for step in range(cfg.steps):
-        if step == learn:
+        if step == learn and not all(q.frozen for q in net.quantizers()):
             freeze(net)
             opt = _optimizer(net, cfg, bits=False)
             base_lrs = [g["lr"] for g in opt.param_groups]
@@ -162,6 +162,6 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
             lam = lam_schedule(step, lam, record.cost)
         if on_step is not None:
             on_step(record)
-    if learn == cfg.steps:
+    if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
     return history

@@ -220,6 +220,15 @@ def test_to_json(mixed_report: ModelReport) -> None:
     assert data["layers"][1]["weight_bits"] == 4 and data["metadata"]["target"] == "ort"
 
 
+def test_from_dict_round_trip(mixed_report: ModelReport) -> None:
+    data = json.loads(mixed_report.to_json())
+    assert ModelReport.from_dict(data) == mixed_report
+    data.update(accuracy={"float": {"top1": 90.0}}, output="m.bits.onnx")  # a shrink report
+    assert ModelReport.from_dict(data) == mixed_report
+    with pytest.raises(InvalidModelError, match="not an onnxbits report"):
+        ModelReport.from_dict({"layers": [{"name": "conv1"}]})
+
+
 def test_to_markdown(mixed_report: ModelReport) -> None:
     lines = mixed_report.to_markdown().splitlines()
     assert lines[0].startswith("| # | layer | op |") and set(lines[1]) <= {"|", "-"}

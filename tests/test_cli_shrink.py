@@ -1,0 +1,319 @@
+"""``onnxbits shrink`` through CliRunner: the happy path, the error catalog and the help texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from onnxbits.cli.main import main
+from tests.builders import _Builder, conv_relu_gemm
+
+FAST = ("--steps", "6", "--batch-size", "8", "--threads", "1", "-q")
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 12, side: int = 8) -> Path:
+    """Class folders ``0..classes-1`` of random ``side`` x ``side`` RGB PNGs."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def flat_folder(root: Path, count: int = 10) -> Path:
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _restore_denormals() -> Iterator[None]:
+    """Keep later tests independent of the float state, whatever a failing shrink left."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+def shrink(*args: object) -> Result:
+    return CliRunner().invoke(main, ["shrink", *[str(a) for a in args]])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model (3 classes) and its image folder, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("shrink")
+    onnx.save(conv_relu_gemm(classes=3), root / "model.onnx")
+    image_folder(root / "data")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shrunk(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result, str]:
+    """One successful ``shrink --json`` run in its own folder: (model path, result, input hash)."""
+    folder = tmp_path_factory.mktemp("run")
+    model = folder / "model.onnx"
+    model.write_bytes((workspace / "model.onnx").read_bytes())
+    before = sha256(model)
+    torch.manual_seed(0)
+    result = shrink(model, "--data", workspace / "data", *FAST, "--json")
+    return model, result, before
+
+
+def error_line(result: Result) -> str:
+    """The one ``Error:`` line of a failed run; no traceback anywhere."""
+    text = result.stderr + result.stdout
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def assert_clean_failure(result: Result, code: int, pattern: str, before: set[Path],
+                         root: Path) -> None:
+    """Exit ``code``, one error line matching ``pattern``, and no file written under ``root``."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    line = error_line(result)
+    assert re.search(pattern, line), line
+    assert files_under(root) == before
+
+
+# --- the happy path ---------------------------------------------------------------------------
+
+
+def test_shrink_writes_model_and_report_and_prints_json(shrunk: tuple[Path, Result, str]) -> None:
+    model, result, before = shrunk
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert isinstance(report, dict)
+    for key in ("layers", "avg_weight_bits", "avg_act_bits", "accuracy", "verification"):
+        assert key in report, key
+    assert [layer["name"] for layer in report["layers"]] == ["conv1", "dwconv", "fc"]
+    assert report["verification"]["max_steps"] <= 1
+    assert set(report["accuracy"]) == {"float", "quantized", "torch_sim_k_bit"}
+    assert 2 <= report["avg_weight_bits"] <= 8
+    output = model.with_name("model.bits.onnx")
+    report_path = model.with_name("model.bits.json")
+    assert output.is_file() and report_path.is_file()
+    assert json.loads(report_path.read_text()) == report
+    onnx.checker.check_model(onnx.load(str(output)))
+    assert sha256(model) == before
+    assert not [p for p in model.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_human_readable_output(workspace: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes((workspace / "model.onnx").read_bytes())
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    result = shrink(model, "--data", workspace / "data", *FAST, "--target", "exact-sim",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "verified in ONNX Runtime" in result.stdout and str(out) in result.stdout
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert not model.with_name("m.bits.onnx").exists()
+
+
+# --- the error catalog ------------------------------------------------------------------------
+
+
+def test_output_equal_to_input(workspace: Path) -> None:
+    model = workspace / "model.onnx"
+    before = files_under(workspace)
+    result = shrink(model, "--data", workspace / "data", *FAST, "-o", model)
+    assert_clean_failure(result, 2, r"is the input model.*-o/--output", before, workspace)
+
+
+def test_output_folder_missing(workspace: Path) -> None:
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST,
+                    "-o", workspace / "missing" / "out.onnx")
+    assert_clean_failure(result, 2, r"output folder .*missing does not exist", before, workspace)
+
+
+def test_output_must_end_in_onnx(workspace: Path) -> None:
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST,
+                    "-o", workspace / "out.txt")
+    assert_clean_failure(result, 2, r"must end in \.onnx", before, workspace)
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (("--min-bits", "6", "--max-bits", "4"), r"--min-bits \(6\) cannot be larger than "
+                                             r"--max-bits \(4\)"),
+    (("--lambda", "-1"), r"--lambda must be >= 0"),
+    (("--max-bits", "9"), r"--max-bits must be between 2 and 8"),
+    (("--steps", "0"), r"--steps must be >= 1"),
+    (("--frozen-steps", "50"), r"--frozen-steps must be between 0 and --steps"),
+    (("--preset", "nope"), r"Invalid value for '--preset'"),
+    (("--objective", "latency"), r"Invalid value for '--objective'"),
+], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
+        "unknown-preset", "unknown-objective"])
+def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
+    assert_clean_failure(result, 2, pattern, before, workspace)
+
+
+def test_missing_model_file(workspace: Path) -> None:
+    before = files_under(workspace)
+    missing = workspace / "nothing.onnx"
+    result = shrink(missing, "--data", workspace / "data", *FAST)
+    assert result.exit_code in (1, 2)
+    assert_clean_failure(result, result.exit_code, r"nothing\.onnx", before, workspace)
+
+
+def test_corrupt_model(workspace: Path, tmp_path: Path) -> None:
+    model = tmp_path / "corrupt.onnx"
+    model.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    before = files_under(tmp_path)
+    result = shrink(model, "--data", workspace / "data", *FAST)
+    assert_clean_failure(result, 1, r"corrupt\.onnx: not a readable ONNX file", before, tmp_path)
+
+
+def test_truncated_model(workspace: Path, tmp_path: Path) -> None:
+    data = (workspace / "model.onnx").read_bytes()
+    model = tmp_path / "half.onnx"
+    model.write_bytes(data[: len(data) // 2])
+    before = files_under(tmp_path)
+    result = shrink(model, "--data", workspace / "data", *FAST)
+    assert_clean_failure(result, 1, r"half\.onnx: .*truncated", before, tmp_path)
+
+
+def test_already_quantized_model(workspace: Path, shrunk: tuple[Path, Result, str]) -> None:
+    model, result, _ = shrunk
+    assert result.exit_code == 0, result.output
+    quantized = model.with_name("model.bits.onnx")
+    folder = model.parent
+    before = files_under(folder)
+    again = shrink(quantized, "--data", workspace / "data", *FAST, "-o", folder / "again.onnx")
+    assert_clean_failure(again, 1, r"already quantized.*QuantizeLinear.*pass the float model",
+                         before, folder)
+
+
+def test_model_without_quantizable_layers(workspace: Path, tmp_path: Path) -> None:
+    b = _Builder(0)
+    b.node("Relu", ["input"], name="relu")
+    model = tmp_path / "relu.onnx"
+    onnx.save(b.model(["N", 3, 8, 8], "logits", ["N", 3, 8, 8]), model)
+    before = files_under(tmp_path)
+    result = shrink(model, "--data", workspace / "data", *FAST)
+    assert_clean_failure(result, 1, r"relu\.onnx: no quantizable layer", before, tmp_path)
+
+
+def test_empty_data_folder(workspace: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", tmp_path / "empty", *FAST)
+    assert result.exit_code in (1, 2)
+    assert_clean_failure(result, result.exit_code, r"no images .* found in .*empty", before,
+                         workspace)
+
+
+def test_folder_with_only_non_image_files(workspace: Path, tmp_path: Path) -> None:
+    data = tmp_path / "texts"
+    (data / "0").mkdir(parents=True)
+    (data / "notes.txt").write_text("hello")
+    (data / "0" / "table.csv").write_text("a,b\n")
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", data, *FAST)
+    assert_clean_failure(result, 1, r"no images .* found in .*texts", before, workspace)
+
+
+def test_files_named_png_that_are_not_images(workspace: Path, tmp_path: Path) -> None:
+    data = tmp_path / "fake"
+    (data / "0").mkdir(parents=True)
+    for i in range(4):
+        (data / "0" / f"{i}.png").write_text("not an image")
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", data, *FAST)
+    assert_clean_failure(result, 1, r"images are unreadable", before, workspace)
+
+
+def test_labels_out_of_range(workspace: Path, tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "twelve", classes=12, per_class=2)
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", data, *FAST)
+    assert_clean_failure(result, 1, r"label 11 is out of range for the model's 3 outputs",
+                         before, workspace)
+
+
+def test_images_of_the_wrong_size(workspace: Path, tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "big", per_class=3, side=16)
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", data, *FAST)
+    assert_clean_failure(result, 1, r"expects shape \[N, 3, 8, 8\] but the images give "
+                                    r"\[N, 3, 16, 16\]", before, workspace)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(workspace: Path) -> None:
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST,
+                    "--device", "cuda")
+    assert_clean_failure(result, 2, r"--device cuda: no CUDA device", before, workspace)
+
+
+def test_cross_entropy_without_labels(workspace: Path, tmp_path: Path) -> None:
+    data = flat_folder(tmp_path / "flat")
+    before = files_under(workspace)
+    result = shrink(workspace / "model.onnx", "--data", data, *FAST, "--loss", "ce")
+    assert_clean_failure(result, 2, r"--loss ce needs labels but .*flat has none", before,
+                         workspace)
+
+
+def test_shrink_leaves_the_process_float_state_alone(workspace: Path, tmp_path: Path) -> None:
+    b = _Builder(0)
+    b.node("Relu", ["input"], name="relu")   # fails right after the set-up, which keeps it fast
+    model = tmp_path / "relu.onnx"
+    onnx.save(b.model(["N", 3, 8, 8], "logits", ["N", 3, 8, 8]), model)
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert float(tiny * 1.0) > 0
+    result = shrink(model, "--data", workspace / "data", *FAST)
+    assert result.exit_code == 1, result.output
+    assert float(tiny * 1.0) > 0
+
+
+# --- help -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--help"], ["shrink", "--help"], ["report", "--help"],
+                                  ["eval", "--help"]], ids=" ".join)
+def test_help_exits_0(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    assert set(main.commands) >= {"shrink", "report", "eval"}
+    missing = [f"{name} {param.opts}" for name, command in main.commands.items()
+               for param in command.params
+               if isinstance(param, click.Option) and not (param.help or "").strip()]
+    missing += [f"onnxbits {p.opts}" for p in main.params
+                if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert not missing
+    for name, command in main.commands.items():
+        assert (command.help or "").strip(), name

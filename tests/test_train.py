@@ -1,0 +1,138 @@
+"""The fine-tune loop: bits and cost fall, bits stay in range, freezing, determinism."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from onnxbits.emit import emit
+from onnxbits.importer import convert, find_sites
+from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.normalize import normalize
+from onnxbits.train import StepRecord, TrainConfig, batch_indices, fine_tune, task_loss
+from onnxbits.verify import verify
+from tests.builders import conv_relu_gemm
+from tests.conftest import random_input
+
+
+@dataclass
+class Setup:
+    model: object
+    net: QuantizedNetwork
+    x: torch.Tensor
+    teacher: torch.Tensor
+
+
+def setup(min_bits: int = 2, max_bits: int = 8, classes: int = 10) -> Setup:
+    torch.manual_seed(0)
+    model = normalize(conv_relu_gemm(classes=classes))
+    graph = convert(model)
+    net = attach_quantizers(model, graph, find_sites(model, graph), min_bits=min_bits,
+                            max_bits=max_bits)
+    x = random_input(model, 64)
+    with torch.no_grad():
+        teacher = graph(x)
+    calibrate(net, [x[:32], x[32:]])
+    return Setup(model, net, x, teacher)
+
+
+def run(s: Setup, cfg: TrainConfig, **kwargs: object) -> list[StepRecord]:
+    return fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg,
+                     **kwargs)  # type: ignore[arg-type]
+
+
+def test_smoke_bits_and_cost_fall_and_the_result_verifies() -> None:
+    s = setup(min_bits=3, max_bits=8)
+    cfg = TrainConfig(steps=40, batch_size=16, lam=1.0)
+    seen: list[tuple[float, float]] = []
+
+    def check(record: StepRecord) -> None:
+        for q in s.net.quantizers():
+            bits = q.frozen_bits if q.frozen else q.bits.detach()
+            seen.append((float(bits.min()), float(bits.max())))
+
+    history = run(s, cfg, on_step=check)
+    learn = cfg.learn_steps()
+    assert [r.phase for r in history] == ["learn"] * learn + ["frozen"] * (40 - learn)
+    assert history[learn - 1].avg_bits < history[0].avg_bits
+    assert history[learn - 1].cost < history[0].cost
+    assert history[0].avg_bits == pytest.approx(8.0)
+    assert all(3.0 <= lo and hi <= 8.0 for lo, hi in seen)
+    for q in s.net.quantizers():
+        assert q.frozen and not q.bits.requires_grad
+        bits = q.frozen_bits
+        assert torch.equal(bits, bits.round()) and 3 <= float(bits.min()) <= float(bits.max()) <= 8
+    frozen_costs = {r.cost for r in history[learn:]}
+    assert len(frozen_costs) == 1          # the bits cannot move after freezing
+    emitted = emit(s.model, s.net, "exact-sim")
+    assert verify(emitted, s.net, [s.x[:16]], "exact-sim").max_steps <= 1
+
+
+def test_same_seed_gives_the_same_bits_twice() -> None:
+    cfg = TrainConfig(steps=12, batch_size=16, lam=0.3)
+    results = []
+    for _ in range(2):
+        s = setup()
+        history = run(s, cfg)
+        results.append(([q.frozen_bits.tolist() for q in s.net.quantizers()],
+                         [r.loss for r in history]))
+    assert results[0] == results[1]
+
+
+def test_no_frozen_phase_still_freezes_at_the_end() -> None:
+    s = setup()
+    history = run(s, TrainConfig(steps=3, frozen_steps=0, batch_size=16, lam=1.0))
+    assert [r.phase for r in history] == ["learn"] * 3
+    assert all(q.frozen for q in s.net.quantizers())
+
+
+def test_lambda_schedule_is_called_in_the_learning_phase_only() -> None:
+    s = setup()
+    calls: list[int] = []
+
+    def schedule(step: int, lam: float, avg_bits: float) -> float:
+        calls.append(step)
+        return lam * 2
+
+    history = run(s, TrainConfig(steps=5, frozen_steps=2, batch_size=16, lam=0.1),
+                  lam_schedule=schedule)
+    assert calls == [0, 1, 2]
+    assert [r.lam for r in history[:3]] == pytest.approx([0.1, 0.2, 0.4])
+
+
+def test_cross_entropy_with_labels() -> None:
+    s = setup(classes=3)
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 3, len(s.x)))
+    history = fine_tune(s.net, lambda idx: (s.x[idx], labels[idx]), None, len(s.x),
+                        TrainConfig(steps=4, batch_size=16, lam=0.1, loss="ce"))
+    assert all(np.isfinite(r.task) and r.task > 0 for r in history)
+
+
+@pytest.mark.parametrize(("steps", "frozen", "expected"), [(300, None, 90), (40, None, 12),
+                                                           (10, 4, 4), (10, 20, 10)])
+def test_frozen_step_count(steps: int, frozen: int | None, expected: int) -> None:
+    cfg = TrainConfig(steps=steps, frozen_steps=frozen)
+    assert cfg.n_frozen() == expected and cfg.learn_steps() == steps - expected
+
+
+def test_batch_indices_cover_each_epoch_once_and_repeat_per_seed() -> None:
+    first = batch_indices(10, 4, seed=3)
+    epoch = np.concatenate([next(first) for _ in range(2)])      # 10 // 4 = 2 full batches
+    assert len(set(epoch.tolist())) == 8 and epoch.max() < 10
+    again = batch_indices(10, 4, seed=3)
+    np.testing.assert_array_equal(np.concatenate([next(again) for _ in range(2)]), epoch)
+    small = batch_indices(3, 8, seed=0)
+    assert sorted(next(small).tolist()) == [0, 1, 2]
+
+
+def test_task_losses() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([0, 2])
+    assert float(task_loss(logits, logits, None, "kd", 2.0)) == pytest.approx(0.0, abs=1e-6)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert float(task_loss(logits, None, labels, "ce", 1.0)) == pytest.approx(float(ce))
+    both = task_loss(logits, logits + 1.0, labels, "kd+ce", 1.0)  # a shift leaves softmax alone
+    assert float(both) == pytest.approx(float(ce), abs=1e-6)
