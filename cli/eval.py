@@ -16,7 +16,7 @@ import numpy as np
 
 from onnxbits.cli.errors import handle_errors
 from onnxbits.cli.options import preprocess_from_options, preprocess_options
-from onnxbits.data import decode_images, load_image_set, split_data_dir
+from onnxbits.data import decode_images, load_image_set, select_files, split_data_dir
 from onnxbits.errors import DataError
 from onnxbits.evaluate import evaluate_model
 
@@ -54,13 +54,17 @@ def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
               help="Images per ONNX Runtime run (a model with a fixed batch uses its own).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime intra-op threads. Default: all cores.")
+@click.option("--include", metavar="GLOB",
+              help="Measure only images whose path relative to the data folder matches GLOB "
+                   "(e.g. '*/0[5-9]*.jpg').")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
               help="Measure only N images, spread evenly over the sorted set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @handle_errors
 def eval_command(model: Path, data: Path, classes: Path | None, batch_size: int,
-                 threads: int | None, limit: int | None, as_json: bool, quiet: bool,
+                 threads: int | None, include: str | None, limit: int | None, as_json: bool,
+                 quiet: bool,
                  **options: Any) -> None:
     """Measure top-1/top-5 accuracy of MODEL (ONNX) on the labelled images in --data.
 
@@ -76,6 +80,7 @@ def eval_command(model: Path, data: Path, classes: Path | None, batch_size: int,
         raise DataError(f"eval needs labels, but '{eval_dir}' has no labels.csv and no class "
                         "folders; add labels.csv (file,label) or sort the images into "
                         "<class>/ folders")
+    image_set = select_files(image_set, include, "--include")
     image_set = image_set.subset(evenly_spaced(len(image_set), limit))
     show = not (quiet or as_json)
     start = time.perf_counter()

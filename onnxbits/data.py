@@ -10,6 +10,7 @@ normalises on demand with ``x = (pixel * scale - mean) / std``.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -289,6 +290,18 @@ def load_image_set(directory: str | Path, classes_file: str | Path | None = None
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in '{root}'; "
                         "use labels.csv, class folders or a flat folder of images")
     return ImageSet(root, files, np.full(len(files), -1, dtype=np.int64), False)
+
+
+def select_files(image_set: ImageSet, pattern: str | None, option: str) -> ImageSet:
+    """Keep the images whose path relative to the set's root matches the glob ``pattern``."""
+    if pattern is None:
+        return image_set
+    keep = [i for i, f in enumerate(image_set.files)
+            if fnmatch.fnmatchcase(Path(f).relative_to(image_set.root).as_posix(), pattern)]
+    if not keep:
+        raise DataError(f"{option} '{pattern}' matches no image under {image_set.root}; patterns "
+                        "match paths relative to the data folder, e.g. '*/0[0-4]*.jpg'")
+    return image_set.subset(keep)
 
 
 def split_data_dir(directory: str | Path) -> tuple[Path, Path | None]:

@@ -6,7 +6,6 @@ are written atomically, and the input file is only read.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import time
@@ -20,7 +19,8 @@ import onnx
 import torch
 
 from onnxbits.config import ShrinkConfig
-from onnxbits.data import ImageSet, ImageTensors, decode_images, holdout_split, load_image_set, split_data_dir
+from onnxbits.data import (ImageTensors, decode_images, holdout_split, load_image_set,
+                           select_files, split_data_dir)
 from onnxbits.emit import emit
 from onnxbits.errors import ConfigError, DataError, InvalidModelError
 from onnxbits.evaluate import agreement, make_session, predict_logits, topk_accuracy
@@ -101,18 +101,6 @@ def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
     if len(train) == 0 or len(evaluation) == 0:
         raise DataError(f"{cfg.data}: too few images to fine-tune and evaluate; add images")
     return train, evaluation, split
-
-
-def select_files(image_set: ImageSet, pattern: str | None, option: str) -> ImageSet:
-    """Keep the images whose path relative to the set's root matches the glob ``pattern``."""
-    if pattern is None:
-        return image_set
-    keep = [i for i, f in enumerate(image_set.files)
-            if fnmatch.fnmatchcase(Path(f).relative_to(image_set.root).as_posix(), pattern)]
-    if not keep:
-        raise DataError(f"{option} '{pattern}' matches no image under {image_set.root}; patterns "
-                        "match paths relative to the data folder, e.g. '*/0[0-4]*.jpg'")
-    return image_set.subset(keep)
 
 
 def _accuracy(logits: np.ndarray, tensors: ImageTensors, reference: np.ndarray) -> dict[str, float]:
