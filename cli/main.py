@@ -34,6 +34,10 @@ def _register() -> None:
     main.add_command(report_command)
     main.add_command(eval_command)
     main.add_command(compare_command)
+    from onnxbits.cli.emit import pack_command, unpack_command
+
+    main.add_command(pack_command)
+    main.add_command(unpack_command)
 
 
 _register()

@@ -109,6 +109,15 @@ class _ProgressView:
 @click.option("--max-train-images", type=int, default=None,
               help="Use at most this many fine-tune images (a seeded sample).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True, metavar="N",
+              help="Save the fine-tune to OUT.ckpt every N steps (0: only on Ctrl-C); the file is "
+                   "deleted when the run succeeds.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT.ckpt; the options and the model must be "
+                   "the same, and the result is the one the uninterrupted run would have given.")
+@click.option("--skip-unsupported/--no-skip-unsupported", default=True, show_default=True,
+              help="Keep layers that cannot be quantized in float with a warning, instead of "
+                   "failing on them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
@@ -124,16 +133,33 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bits_lr", "lam", "objective", "loss",
             "min_bits", "max_bits", "granularity", "target", "device", "seed", "eval_fraction",
             "max_train_images", "threads", "include", "eval_include", "target_bits",
-            "target_size_mb", "target_bops_g", "max_drop")
+            "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every", "resume",
+            "skip_unsupported")
     cfg = ShrinkConfig(data=data, preprocess=pre, output=output, eval_data=eval_data,
                        classes=classes, **{k: options[k] for k in keys})
     console = Console(stderr=True)
     view = None if (quiet or as_json) else _ProgressView(console)
     try:
         result = shrink(model, cfg, on_event=view)
+    except KeyboardInterrupt:
+        from onnxbits.checkpoint import checkpoint_path
+        from onnxbits.cli.errors import fail
+        from onnxbits.pipeline import default_output
+
+        if view is not None:
+            view.close()
+            view = None
+        ckpt = checkpoint_path(output if output is not None else default_output(model))
+        if ckpt.is_file():
+            fail(f"interrupted; the fine-tune is saved in {ckpt}: rerun the same command with "
+                 "--resume to continue", 130)
+        fail("interrupted before the fine-tune started; nothing was saved: rerun the command", 130)
+        return
     finally:
         if view is not None:
             view.close()
+    for warning in result.report.get("warnings", []):
+        click.echo(f"Warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.report))
         return

@@ -48,6 +48,9 @@ class ShrinkConfig:
     verify_batches: int = 2
     max_train_images: int | None = None
     threads: int | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    skip_unsupported: bool = True
 
     def budget_objective(self) -> str | None:
         """The objective a budget option implies (None without a budget)."""
@@ -82,6 +85,9 @@ class ShrinkConfig:
             (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be cpu or cuda, got {self.device!r}"),
             (0 < self.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
+            (self.checkpoint_every >= 0,
+             f"--checkpoint-every must be >= 0 steps (0: only on Ctrl-C), "
+             f"got {self.checkpoint_every}"),
         ]
         budgets = [n for n, v in (("--target-bits", self.target_bits),
                                   ("--target-size", self.target_size_mb),

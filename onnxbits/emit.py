@@ -6,13 +6,29 @@ Weights (every target): ``W_int = clamp(round(W / s_c), -(2^(k-1) - 1), 2^(k-1) 
 
 Activations, one pair per quantized tensor ``t`` with clip value ``alpha`` and bits ``k``:
 
-* ``ort``: ``DequantizeLinear(QuantizeLinear(t, alpha / qmax_8, 0))`` in uint8 (after Relu) or
-  int8: ONNX Runtime fuses this pattern into its integer kernels; the tensor executes at 8-bit
-  resolution over the learned clip range ``[0, alpha]`` (or ``[-alpha (128/127), alpha]``).
+* ``ort``: ``DequantizeLinear(QuantizeLinear(t, s, z))`` in uint8 with ``s = alpha / qmax_8``:
+  ``z = 0`` after Relu (unsigned), ``z = 128`` for signed tensors (the grid of int8 with zero
+  point 0, which ONNX Runtime does not fuse when two node units share it). The tensor executes
+  at 8-bit resolution over the learned clip range. Layers whose torch model simulates an int32
+  bias (:func:`onnxbits.deploy.simulate_int32_bias`) get ``round(b / (s_in s_w))`` as int32,
+  read through ``DequantizeLinear(b_int, s_in s_w, 0)``: what ORT's integer kernels add to their
+  int32 accumulator (other layers keep a float bias). Tensors that only need to be on a
+  quantized tensor's grid for ORT to fuse (see :mod:`onnxbits.fusion`) get a Q/DQ pair with
+  that tensor's scale and zero point: exact, so the torch model needs no counterpart. The new
+  fixed 8-bit quantizers that fusion needs elsewhere live in the torch model
+  (:func:`onnxbits.deploy.add_output_quantizers`) and are emitted like every other one.
 * ``exact-sim``: ``DequantizeLinear(Clip(QuantizeLinear(t, alpha / qmax_k, 0), qmin_k, qmax_k))``
-  (QCDQ): exactly the k-bit grid, for tools that read bitlengths from the graph.
+  (QCDQ) with int8/uint8 containers: exactly the k-bit grid, for tools that read bitlengths
+  from the graph. Float biases (the int32-rounded value where the torch model simulates it).
+* ``pack``: the ``ort`` model with 4-bit weights in int4 (opset 21) and the others as k-bit
+  streams (:mod:`onnxbits.pack`); :func:`onnxbits.pack.unpack_model` (``onnxbits unpack``)
+  gives back the ``ort`` model byte for byte.
 
-The learned bits are recorded in ``metadata_props["onnxbits"]`` (JSON, format 1).
+The learned bits are recorded in ``metadata_props["onnxbits"]`` (JSON, format 1): per layer the
+learned weight bits, the container they are stored in (``weight_container_bits``), the learned
+input activation bits and the bits ONNX Runtime executes them at (``act_exec_bits``); per
+quantized tensor (``tensors``) the same for activations, with ``role`` ``input`` (a layer input,
+learned bits) or ``output`` (a fixed 8-bit quantizer added so that its producer fuses).
 """
 
 from __future__ import annotations
@@ -25,14 +41,23 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxbits.deploy import bias_integers, bias_scale, weight_step
+from onnxbits.fusion import plan_fusion
+from onnxbits.graph import GraphIndex
 from onnxbits.importer import Site
 from onnxbits.insert import QuantizedNetwork
 from onnxbits.quant.quantizer import BitQuantizer
 from onnxbits.quant.ranges import qrange
 
-TARGETS = ("ort", "exact-sim")
+TARGETS = ("ort", "exact-sim", "pack")
 METADATA_KEY = "onnxbits"
 EXEC_BITS_ORT = 8
+INT8_TARGETS = ("ort", "pack")  # activations execute at 8 bits over the learned clip range
+
+
+def exec_bits(target: str, bits: int) -> int:
+    """Bits ONNX Runtime executes an activation learned at ``bits`` at, on ``target``."""
+    return EXEC_BITS_ORT if target in INT8_TARGETS else bits
 
 
 @dataclass(frozen=True)
@@ -63,17 +88,32 @@ def quantized_weight(site: Site, net: QuantizedNetwork) -> WeightTensors:
     return WeightTensors(integers, scale, site.weight_axis)
 
 
-def _act_params(q: BitQuantizer, target: str) -> tuple[np.ndarray, int, int, int, int]:
-    """(scale, container type, qmin_k, qmax_k, exec bits) of an activation quantizer."""
+@dataclass(frozen=True)
+class ActParams:
+    """How one activation quantizer is written: scale, container, zero point, Clip range."""
+
+    scale: np.ndarray   # float32 scalar
+    dtype: int          # TensorProto.UINT8 / INT8
+    zero_point: int
+    qmin: int           # k-bit range (exact-sim Clip bounds)
+    qmax: int
+    bits: int
+    exec_bits: int
+
+
+def activation_params(q: BitQuantizer, target: str) -> ActParams:
+    """The Q/DQ parameters of activation quantizer ``q`` on ``target``."""
     k = int(q.frozen_bits.reshape(-1)[0])
-    exec_bits = EXEC_BITS_ORT if target == "ort" else k
+    bits = exec_bits(target, k)
     saved = q.exec_bits
-    q.exec_bits = exec_bits
+    q.exec_bits = bits
     scale = q.step().detach().numpy().astype(np.float32).reshape(())
     q.exec_bits = saved
-    dtype = TensorProto.INT8 if q.signed else TensorProto.UINT8
     qmin, qmax = qrange(k, q.signed)
-    return scale, dtype, qmin, qmax, exec_bits
+    if target in INT8_TARGETS:
+        return ActParams(scale, TensorProto.UINT8, 128 if q.signed else 0, qmin, qmax, k, bits)
+    dtype = TensorProto.INT8 if q.signed else TensorProto.UINT8
+    return ActParams(scale, dtype, 0, qmin, qmax, k, bits)
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -84,73 +124,110 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
+class _Graph:
+    """Initializer/node bookkeeping shared by the emission steps."""
+
+    def __init__(self, model: onnx.ModelProto, target: str, exact_bias: bool = True) -> None:
+        self.model = model
+        self.target = target
+        self.exact_bias = exact_bias
+        graph = model.graph
+        self.taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} \
+            | {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+        self.inits = {t.name: t for t in graph.initializer}
+        self.users: dict[str, int] = {}
+        for n in graph.node:
+            for name in n.input:
+                self.users[name] = self.users.get(name, 0) + 1
+        self.before: dict[str, list[onnx.NodeProto]] = {}  # node -> nodes inserted before it
+        self.after: dict[str, list[onnx.NodeProto]] = {}   # node ('' = start) -> nodes after it
+        self.act_names: dict[str, tuple[str, str]] = {}      # tensor -> (scale, zero point)
+
+    def name(self, base: str) -> str:
+        return _unique(base, self.taken)
+
+    def add(self, array: np.ndarray, base: str) -> str:
+        name = self.name(base)
+        self.model.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def dequantize(self, before: str, base: str, ints: np.ndarray, scale: np.ndarray,
+                   axis: int | None) -> str:
+        """Add ``DequantizeLinear(ints, scale, 0)`` before node ``before``; return its output."""
+        q = self.add(ints, f"{base}_quantized")
+        s = self.add(scale, f"{base}_scale")
+        z = self.add(np.zeros(scale.shape, ints.dtype), f"{base}_zero_point")
+        out = self.name(f"{base}_DequantizeLinear_Output")
+        attrs = {"axis": axis} if axis is not None else {}
+        self.before.setdefault(before, []).append(helper.make_node(
+            "DequantizeLinear", [q, s, z], [out], name=self.name(f"{base}_DequantizeLinear"),
+            **attrs))
+        return out
+
+
 def emit(model: onnx.ModelProto, net: QuantizedNetwork, target: str = "ort",
-         source: dict[str, object] | None = None) -> onnx.ModelProto:
-    """Return a copy of the (normalised) ``model`` quantized with the frozen ``net``."""
+         source: dict[str, object] | None = None, *, bitpack: bool = True,
+         exact_bias: bool = True) -> onnx.ModelProto:
+    """Return a copy of the (normalised) ``model`` quantized with the frozen ``net``.
+
+    ``bitpack`` (``pack`` target only): store 2-, 3- and 5-7-bit weights as bit streams (see
+    :mod:`onnxbits.pack`); without it they stay in int4/int8 containers. ``exact_bias``
+    (``exact-sim`` only): write the float bias of a layer with a quantized input as
+    ``DequantizeLinear(int32, 2^e)``, exactly the float value. ONNX Runtime's full optimizations
+    would otherwise round a float bias to the int32 grid ``s_in s_w`` of the k-bit scales
+    (WeightBiasQuantization), far from the verified model; a bias DQ whose scale is not
+    ``s_in s_w`` is left alone (and the layer runs in float, as QCDQ does anyway).
+    """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "pack":
+        from onnxbits.pack import pack_model
+
+        return pack_model(emit(model, net, "ort", source), bitpack=bitpack)
+    plan = plan_fusion(model, set(net.acts), {s.node for s in net.sites}) \
+        if target == "ort" else None
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    graph = out.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
-        {i.name for i in graph.input} | {n.name for n in graph.node}
-    inits = {t.name: t for t in graph.initializer}
-    nodes = {n.name: n for n in graph.node}
-    weight_users: dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            weight_users[name] = weight_users.get(name, 0) + 1
-    new_nodes: dict[str, list[onnx.NodeProto]] = {}   # node name -> nodes to insert before it
+    g = _Graph(out, target, exact_bias)
+    nodes = {n.name: n for n in out.graph.node}
     meta_layers: dict[str, dict[str, object]] = {}
     for site in net.sites:
         node = nodes[site.node]
         wt = quantized_weight(site, net)
-        base = site.weight if weight_users.get(site.weight, 0) == 1 else f"{site.weight}_{site.node}"
-        q_name = _unique(f"{base}_quantized", taken)
-        s_name = _unique(f"{base}_scale", taken)
-        z_name = _unique(f"{base}_zero_point", taken)
-        dq_out = _unique(f"{base}_DequantizeLinear_Output", taken)
-        graph.initializer.extend([
-            numpy_helper.from_array(wt.integers, q_name),
-            numpy_helper.from_array(wt.scale, s_name),
-            numpy_helper.from_array(np.zeros(wt.scale.shape, np.int8), z_name)])
-        dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
-                              name=_unique(f"{base}_DequantizeLinear", taken), axis=wt.axis)
-        new_nodes.setdefault(site.node, []).append(dq)
-        node.input[1] = dq_out
-        bias = net.layers[site.node].bias()
-        if site.bias is not None and bias is not None:
-            b_name = site.bias if weight_users.get(site.bias, 0) == 1 else \
-                _unique(f"{site.bias}_{site.node}", taken)
-            array = bias.detach().numpy().astype(np.float32)
-            if b_name in inits:
-                inits[b_name].CopyFrom(numpy_helper.from_array(array, b_name))
-            else:
-                graph.initializer.append(numpy_helper.from_array(array, b_name))
-            node.input[2] = b_name
+        if target == "ort" and bias_scale(net, site.node) is not None:
+            wt = WeightTensors(wt.integers, weight_step(net, site.node).numpy(), wt.axis)
+        base = site.weight if g.users.get(site.weight, 0) == 1 else f"{site.weight}_{site.node}"
+        node.input[1] = g.dequantize(site.node, base, wt.integers, wt.scale, wt.axis)
+        act = net.layer_act.get(site.node)
+        bias_kind = _emit_bias(g, site, node, net, target)
         wbits = net.layers[site.node].wq.frozen_bits
         meta_layers[site.node] = {
             "op": site.op,
             "weight_bits": int(wbits.max()) if wbits.numel() > 1 else int(wbits[0]),
             "weight_bits_mean": float(wbits.mean()),
             "weight_container_bits": 8,
-            "act_tensor": net.layer_act.get(site.node),
+            "act_tensor": act,
             "act_bits": None, "act_signed": None, "act_exec_bits": None,
+            "bias": bias_kind,
         }
-    act_nodes = _quantize_activations(out, net, target, taken)
+    tensors = _quantize_activations(g, net, target)
+    requant = _requantize(g, net, plan.requant, target) if plan is not None else {}
     for info in meta_layers.values():
         tensor = info["act_tensor"]
         if tensor in net.acts:
-            q = net.acts[tensor]
-            info["act_bits"] = int(q.frozen_bits[0])
-            info["act_signed"] = bool(q.signed)
-            info["act_exec_bits"] = EXEC_BITS_ORT if target == "ort" else int(q.frozen_bits[0])
-    _insert_nodes(graph, new_nodes, act_nodes)
-    used = {name for n in graph.node for name in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    meta = {"format": 1, "target": target, "layers": meta_layers, "source": source or {}}
+            entry = tensors[str(tensor)]
+            info["act_bits"] = entry["bits"]
+            info["act_signed"] = entry["signed"]
+            info["act_exec_bits"] = entry["exec_bits"]
+    _insert_nodes(out.graph, g.before, g.after)
+    used = {name for n in out.graph.node for name in n.input}
+    keep = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    meta: dict[str, object] = {"format": 1, "target": target, "layers": meta_layers,
+                               "source": source or {}, "tensors": tensors}
+    if plan is not None:
+        meta["requantized"] = requant
     entry = next((p for p in out.metadata_props if p.key == METADATA_KEY), None)
     if entry is None:
         entry = out.metadata_props.add()
@@ -161,41 +238,136 @@ def emit(model: onnx.ModelProto, net: QuantizedNetwork, target: str = "ort",
     return out
 
 
-def _quantize_activations(model: onnx.ModelProto, net: QuantizedNetwork, target: str,
-                          taken: set[str]) -> dict[str, list[onnx.NodeProto]]:
-    """Add Q/DQ (and Clip for exact-sim) on every quantized tensor; return nodes keyed by the
-    name of the node they must follow ('' = graph start)."""
-    graph = model.graph
+def _emit_bias(g: _Graph, site: Site, node: onnx.NodeProto, net: QuantizedNetwork,
+               target: str) -> str | None:
+    """Write the layer's bias as torch uses it: int32 DQ (``ort``, where the torch model
+    simulates it, :func:`onnxbits.deploy.simulate_int32_bias`) or float."""
+    scale = bias_scale(net, site.node)
+    if site.op == "MatMul":
+        return _matmul_bias(g, site, scale) if scale is not None else None
+    bias = net.layers[site.node].bias()
+    if site.bias is None or bias is None:
+        return None
+    base = site.bias if g.users.get(site.bias, 0) == 1 else f"{site.bias}_{site.node}"
+    if scale is not None:
+        ints = bias_integers(bias, scale)
+        if target == "ort":
+            node.input[2] = g.dequantize(site.node, base, ints.numpy().astype(np.int32),
+                                         scale.numpy(), 0)
+            return "int32"
+        array = (ints * scale).numpy().astype(np.float32)
+    else:
+        array = bias.detach().numpy().astype(np.float32)
+    if target == "exact-sim" and g.exact_bias and site.op == "Conv" and \
+            net.layer_act.get(site.node) in net.acts:
+        ints32, exact_scale = lossless_int32(array)
+        node.input[2] = g.dequantize(site.node, base, ints32, exact_scale, 0)
+        return "exact-int32"
+    name = base if base == site.bias else g.name(base)
+    if name in g.inits:
+        g.inits[name].CopyFrom(numpy_helper.from_array(array, name))
+    else:
+        g.model.graph.initializer.append(numpy_helper.from_array(array, name))
+    node.input[2] = name
+    return "float"
+
+
+def lossless_int32(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, s)``, int32 and float32 per element, with ``q * s == values`` exactly:
+    ``s = 2^(e - 24)`` for ``values = m 2^e``, ``0.5 <= |m| < 1`` (subnormals flush to 0).
+
+    >>> q, s = lossless_int32(np.array([0.1, -3.0, 0.0], np.float32))
+    >>> bool(np.all(q * s == np.array([0.1, -3.0, 0.0], np.float32)))
+    True
+    """
+    v = values.astype(np.float32)
+    _, exponent = np.frexp(v)
+    scale = np.ldexp(np.float32(1.0), np.maximum(exponent - 24, -126)).astype(np.float32)
+    return np.round(v / scale).astype(np.int32), scale
+
+
+def _matmul_bias(g: _Graph, site: Site, scale: torch.Tensor) -> str | None:
+    """The constant addend of the Add after a MatMul, on the int32 grid ``scale``."""
+    index = GraphIndex(g.model)
+    users = index.consumers.get(site.output, [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    add = users[0]
+    slot = next((i for i, t in enumerate(add.input) if t != site.output), None)
+    value = index.array(add.input[slot]) if slot is not None else None
+    if value is None or value.size != scale.numel():
+        return None
+    ints = bias_integers(torch.from_numpy(value.reshape(-1).astype(np.float32)), scale)
+    if g.target == "ort":
+        add.input[slot] = g.dequantize(add.name, f"{add.input[slot]}_{add.name}",
+                                       ints.numpy().astype(np.int32), scale.numpy(), 0)
+        return "int32"
+    add.input[slot] = g.add((ints * scale).numpy().reshape(value.shape).astype(np.float32),
+                            f"{add.input[slot]}_{add.name}")
+    return "float"
+
+
+def _qdq(g: _Graph, tensor: str, p: ActParams, s_name: str, z_name: str,
+         clip: tuple[str, str] | None) -> tuple[list[onnx.NodeProto], str]:
+    q_out = g.name(f"{tensor}_QuantizeLinear_Output")
+    dq_out = g.name(f"{tensor}_DequantizeLinear_Output")
+    chain = [helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out],
+                              name=g.name(f"{tensor}_QuantizeLinear"))]
+    dq_in = q_out
+    if clip is not None:
+        dq_in = g.name(f"{tensor}_Clip_Output")
+        chain.append(helper.make_node("Clip", [q_out, *clip], [dq_in],
+                                      name=g.name(f"{tensor}_Clip")))
+    chain.append(helper.make_node("DequantizeLinear", [dq_in, s_name, z_name], [dq_out],
+                                  name=g.name(f"{tensor}_DequantizeLinear")))
+    for node in g.model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == tensor:
+                node.input[i] = dq_out
+    return chain, dq_out
+
+
+def _quantize_activations(g: _Graph, net: QuantizedNetwork,
+                          target: str) -> dict[str, dict[str, object]]:
+    """Add Q/DQ (and Clip for exact-sim) on every quantized tensor; return their metadata."""
+    graph = g.model.graph
     producer = {o: n.name for n in graph.node for o in n.output}
-    after: dict[str, list[onnx.NodeProto]] = {}
+    inputs = set(net.layer_act.values())
+    meta: dict[str, dict[str, object]] = {}
     for tensor, q in net.acts.items():
-        scale, dtype, qmin, qmax, _ = _act_params(q, target)
-        s_name = _unique(f"{tensor}_scale", taken)
-        z_name = _unique(f"{tensor}_zero_point", taken)
-        np_type = np.int8 if dtype == TensorProto.INT8 else np.uint8
-        graph.initializer.extend([numpy_helper.from_array(scale, s_name),
-                                  numpy_helper.from_array(np.zeros((), np_type), z_name)])
-        q_out = _unique(f"{tensor}_QuantizeLinear_Output", taken)
-        dq_out = _unique(f"{tensor}_DequantizeLinear_Output", taken)
-        chain = [helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out],
-                                  name=_unique(f"{tensor}_QuantizeLinear", taken))]
-        dq_in = q_out
+        p = activation_params(q, target)
+        np_type = np.int8 if p.dtype == TensorProto.INT8 else np.uint8
+        s_name = g.add(p.scale, f"{tensor}_scale")
+        z_name = g.add(np.array(p.zero_point, np_type), f"{tensor}_zero_point")
+        g.act_names[tensor] = (s_name, z_name)
+        clip = None
         if target == "exact-sim":
-            lo = _unique(f"{tensor}_clip_min", taken)
-            hi = _unique(f"{tensor}_clip_max", taken)
-            graph.initializer.extend([numpy_helper.from_array(np.array(qmin, np_type), lo),
-                                      numpy_helper.from_array(np.array(qmax, np_type), hi)])
-            dq_in = _unique(f"{tensor}_Clip_Output", taken)
-            chain.append(helper.make_node("Clip", [q_out, lo, hi], [dq_in],
-                                          name=_unique(f"{tensor}_Clip", taken)))
-        chain.append(helper.make_node("DequantizeLinear", [dq_in, s_name, z_name], [dq_out],
-                                      name=_unique(f"{tensor}_DequantizeLinear", taken)))
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name == tensor:
-                    node.input[i] = dq_out
-        after.setdefault(producer.get(tensor, ""), []).extend(chain)
-    return after
+            clip = (g.add(np.array(p.qmin, np_type), f"{tensor}_clip_min"),
+                    g.add(np.array(p.qmax, np_type), f"{tensor}_clip_max"))
+        chain, _ = _qdq(g, tensor, p, s_name, z_name, clip)
+        g.after.setdefault(producer.get(tensor, ""), []).extend(chain)
+        meta[tensor] = {"role": "input" if tensor in inputs else "output", "bits": p.bits,
+                        "exec_bits": p.exec_bits, "signed": bool(q.signed),
+                        "container_bits": 8, "zero_point": p.zero_point}
+    return meta
+
+
+def _requantize(g: _Graph, net: QuantizedNetwork, requant: dict[str, str],
+                target: str) -> dict[str, str]:
+    """Q/DQ with the source quantizer's scale and zero point on grid-equivalent tensors."""
+    graph = g.model.graph
+    producer = {o: n.name for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    done = {}
+    for tensor, source in requant.items():
+        if source not in net.acts or tensor in outputs or tensor in net.acts:
+            continue
+        p = activation_params(net.acts[source], target)
+        s_name, z_name = g.act_names[source]
+        chain, _ = _qdq(g, tensor, p, s_name, z_name, None)
+        g.after.setdefault(producer.get(tensor, ""), []).extend(chain)
+        done[tensor] = source
+    return done
 
 
 def _insert_nodes(graph: onnx.GraphProto, before: dict[str, list[onnx.NodeProto]],

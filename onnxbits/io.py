@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -15,26 +16,78 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read and check an ONNX file; every failure is an InvalidModelError naming the file."""
+    """Read and check an ONNX file; every failure is an InvalidModelError naming the file.
+
+    Weights stored as external data (next to the model) are loaded into the returned model.
+    """
     path = Path(path)
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file; check the model path")
     if path.is_dir():
         raise InvalidModelError(f"{path}: is a folder; pass the .onnx file inside it")
+    if not os.access(path, os.R_OK):
+        raise InvalidModelError(f"{path}: not readable (permission denied); check its permissions")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for truncated or foreign files
         raise InvalidModelError(
-            f"{path}: not a readable ONNX file ({type(exc).__name__}); is it truncated or not ONNX? "
-            "re-export or re-download it") from exc
+            f"{path}: not a readable ONNX file ({type(exc).__name__}); is it truncated or not "
+            "ONNX? re-export or re-download it") from exc
     if not model.graph.node:
-        raise InvalidModelError(f"{path}: the ONNX graph has no nodes; is it truncated or not ONNX?")
+        raise InvalidModelError(f"{path}: the ONNX graph has no nodes; is it truncated or not "
+                                "ONNX?")
+    external = external_data_files(model)
+    if external:
+        missing = [name for name in external if not (path.parent / name).is_file()]
+        if missing:
+            raise InvalidModelError(
+                f"{path}: external data file '{missing[0]}' (the model's weights) is missing; "
+                f"copy it into {path.parent} next to the model")
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise InvalidModelError(
+                f"{path}: its external data ({', '.join(external)}) cannot be read "
+                f"({type(exc).__name__}); is it truncated? re-export or re-download it") from exc
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if external else model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModelError(f"{path}: fails the ONNX checker: {first}") from exc
     return model
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """The files (relative to the model) that hold its externally stored tensors."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return sorted({ExternalDataInfo(t).location for t in _tensors(model.graph)
+                   if uses_external_data(t)})
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph``: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def fixed_batch(model: onnx.ModelProto) -> tuple[str, int] | None:
+    """``(input name, batch)`` when the first graph input has a fixed batch dimension."""
+    inits = {t.name for t in model.graph.initializer}
+    first = next((i for i in model.graph.input if i.name not in inits), None)
+    if first is None or not first.type.tensor_type.shape.dim:
+        return None
+    dim = first.type.tensor_type.shape.dim[0]
+    return (first.name, int(dim.dim_value)) if dim.HasField("dim_value") and dim.dim_value > 0 \
+        else None
 
 
 def quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -47,7 +100,8 @@ def save_model_atomic(model: onnx.ModelProto | bytes, path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise InvalidModelError(f"{path}: the output folder {folder} does not exist; create it first")
+        raise InvalidModelError(f"{path}: the output folder {folder} does not exist; create it "
+                                "first")
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return write_bytes_atomic(data, path)
 

@@ -1,13 +1,16 @@
 """``shrink``: import -> quantize -> fine-tune -> freeze -> emit -> verify -> evaluate -> write.
 
 Nothing is written until the emitted model has passed verification; the model and its JSON report
-are written atomically, and the input file is only read.
+are written atomically, and the input file is only read. The fine-tune checkpoints to ``OUT.ckpt``
+every ``--checkpoint-every`` steps and on Ctrl-C; ``--resume`` continues from it (refusing a
+checkpoint written with other options or another model), and a successful run deletes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +24,18 @@ import torch
 from onnxbits.config import ShrinkConfig
 from onnxbits.data import (ImageTensors, decode_images, holdout_split, load_image_set,
                            select_files, split_data_dir)
+from onnxbits.checkpoint import CheckpointSpec, checkpoint_path, remove_checkpoint, run_fingerprint
+from onnxbits.deploy import limit_clip_alphas, prepare_ort
 from onnxbits.emit import emit
 from onnxbits.errors import ConfigError, DataError, InvalidModelError
 from onnxbits.evaluate import agreement, make_session, predict_logits, topk_accuracy
 from onnxbits.history import write_run_outputs
-from onnxbits.importer import convert, find_sites
+from onnxbits.importer import convert, find_sites, float_layer_warnings, float_layers
 from onnxbits.budget import LambdaController, freeze_to_budget
 from onnxbits.cost import LayerBits, bit_cost
 from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
-from onnxbits.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
+from onnxbits.io import (fixed_batch, load_model, quantized_nodes, save_model_atomic,
+                         write_bytes_atomic)
 from onnxbits.normalize import normalize
 from onnxbits.train import StepRecord, TrainConfig, fine_tune
 from onnxbits.verify import verify
@@ -54,16 +60,33 @@ def default_output(model_path: Path) -> Path:
 
 
 def check_output_path(model_path: Path, output: Path) -> None:
-    """Refuse to overwrite the input or to write into a missing or read-only folder."""
+    """Refuse to overwrite the input or to write into a missing or read-only folder.
+
+    Writability is probed with a temporary file (``os.access`` says yes to root on read-only
+    file systems).
+    """
     if output.resolve() == model_path.resolve():
         raise ConfigError(f"output {output} is the input model; choose another -o/--output path")
     folder = output.resolve().parent
     if not folder.is_dir():
         raise ConfigError(f"output folder {folder} does not exist; create it or change -o/--output")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"output folder {folder} is not writable; change -o/--output")
     if output.suffix != ".onnx":
         raise ConfigError(f"output {output} must end in .onnx; change -o/--output")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxbits-probe.", dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"output folder {folder} is not writable ({exc.strerror}); "
+                          "change -o/--output") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_batch_size(model: onnx.ModelProto, batch_size: int) -> None:
+    """A model with a fixed batch dimension runs only at that batch size."""
+    fixed = fixed_batch(model)
+    if fixed is not None and fixed[1] != batch_size:
+        raise ConfigError(f"model input '{fixed[0]}' has a fixed batch of {fixed[1]}; use "
+                          f"--batch-size {fixed[1]} or re-export the model with a dynamic batch")
 
 
 def _emit_event(on_event: Event | None, kind: str, **info: Any) -> None:
@@ -154,10 +177,16 @@ def _shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None) -
     model = normalize(original, str(model_path))
     float_graph = convert(model, str(model_path))
     sites = find_sites(model, float_graph)
+    floats = float_layers(model, float_graph)
+    warnings = float_layer_warnings(str(model_path), model, floats, cfg.skip_unsupported)
     if not sites:
         raise InvalidModelError(f"{model_path}: no quantizable layer (Conv, Gemm or MatMul with a "
                                 "constant weight); nothing to shrink")
+    check_batch_size(original, cfg.batch_size)
     train, evaluation, split = load_splits(cfg, on_event)
+    if split["bad_images"]:
+        warnings.append(f"skipped {split['bad_images']} unreadable image(s) in {cfg.data}; "
+                        "remove or re-encode them")
     if cfg.loss != "kd" and not train.has_labels:
         raise ConfigError(f"--loss {cfg.loss} needs labels but {cfg.data} has none; use --loss kd")
     _emit_event(on_event, "stage", name="teacher")
@@ -174,12 +203,17 @@ def _shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None) -
 
     calib = [fetch(np.arange(s, min(s + cfg.batch_size, len(train))))[0]
              for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
+    if cfg.target in ("ort", "pack"):
+        prepare_ort(model, net)
     calibrate(net, calib)
     objective, budget = budget_target(cfg, net)
     tcfg = TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, alpha_lr=cfg.alpha_lr, bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=cfg.loss, seed=cfg.seed)
     moved: list[str] = []
+    ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
+                          fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
+                          extra={"moved": moved})
     controller = freeze = None
     if budget is not None:
         start = float(bit_cost(objective, layer_bits(net)).detach())
@@ -188,7 +222,7 @@ def _shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None) -
     _emit_event(on_event, "stage", name="fine-tune", total=cfg.steps)
     history = fine_tune(net, fetch, torch.from_numpy(teacher_train), len(train), tcfg,
                         on_step=lambda r: _emit_event(on_event, "step", record=r),
-                        lam_schedule=controller, freeze=freeze)
+                        lam_schedule=controller, freeze=freeze, checkpoint=ckpt)
     guard: dict[str, Any] = {}
     if cfg.max_drop is not None:
         _emit_event(on_event, "stage", name="accuracy guard")
@@ -198,6 +232,8 @@ def _shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None) -
         guard = _apply_guard(cfg, model, net, evaluation, float_eval, calib, teacher_train,
                              lambda: fine_tune(net, fetch, torch.from_numpy(teacher_train),
                                                len(train), retune_cfg))
+    if cfg.target in ("ort", "pack"):
+        limit_clip_alphas(model, net)
     _emit_event(on_event, "stage", name="emit")
     source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
               "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
@@ -218,14 +254,22 @@ def _shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None) -
                   "quantized": _accuracy(quant_eval, evaluation, float_eval),
                   "torch_sim_k_bit": _accuracy(sim_eval, evaluation, float_eval)},
         verification=verification.to_dict(), config=_config_dict(cfg),
-        guard=guard,
+        guard=guard, warnings=warnings,
+        float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
     outputs = write_run_outputs(output, report, history)
+    remove_checkpoint(ckpt.path)
     return ShrinkResult(output, report_path, report, history, outputs)
+
+
+def _resume_options(cfg: ShrinkConfig) -> dict[str, Any]:
+    """The options a resumed run must share (all but output, threads and checkpointing)."""
+    skip = {"output", "threads", "checkpoint_every", "resume"}
+    return {k: v for k, v in _config_dict(cfg).items() if k not in skip}
 
 
 def _drop(logits: np.ndarray, tensors: ImageTensors, float_logits: np.ndarray) -> float:

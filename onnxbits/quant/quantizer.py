@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from onnxbits.quant.fakequant import fixed_quant, interpolated_quant
+from onnxbits.quant.fakequant import frozen_quant, learned_quant
 
 
 def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
@@ -28,12 +28,16 @@ class BitQuantizer(nn.Module):
     ``n`` one per tensor (``per_channel_bits=False``) or one per channel. After :meth:`freeze`
     the bitlength is an integer ``k`` and ``forward(x) = Q_int(x, k)``. ``exec_bits`` overrides
     the frozen bits to simulate a runtime that executes the tensor at a different resolution over
-    the same clip range.
+    the same clip range. ``input_clamp=(lo, hi)`` (``None`` for an open bound) makes the quantizer
+    absorb the Relu ``(0, None)`` or Relu6 ``(0, 6)`` that produces its input:
+    ``forward(x) = Q(clamp(x, lo, hi), n)`` with the gradients of the two ops in a row, computed
+    in one kernel without storing the clamped tensor (see :meth:`quantized_input`).
     """
 
     def __init__(self, *, signed: bool, narrow: bool = False, num_channels: int = 1,
                  channel_axis: int = 0, per_channel_bits: bool = False, min_bits: int = 2,
-                 max_bits: int = 8, init_bits: float | None = None) -> None:
+                 max_bits: int = 8, init_bits: float | None = None,
+                 input_clamp: tuple[float | None, float | None] | None = None) -> None:
         super().__init__()
         if not 1 <= min_bits <= max_bits <= 16:
             raise ValueError(f"need 1 <= min_bits <= max_bits <= 16, got {min_bits}, {max_bits}")
@@ -50,20 +54,22 @@ class BitQuantizer(nn.Module):
         self.frozen = False
         self.enabled = True
         self.exec_bits: int | None = None
+        self.input_clamp = input_clamp
 
     def extra_repr(self) -> str:
         bits = self.frozen_bits if self.frozen else self.bits.detach()
         kind = "frozen" if self.frozen else "learned"
         alpha = self.alpha().detach()
+        clamp = "" if self.input_clamp is None else f", input_clamp={self.input_clamp}"
         return (f"signed={self.signed}, channels={alpha.numel()}, {kind} bits="
-                f"{bits.mean().item():.2f}, alpha~{alpha.mean().item():.4g}")
+                f"{bits.mean().item():.2f}, alpha~{alpha.mean().item():.4g}{clamp}")
 
-    def _shape(self, t: Tensor, x: Tensor) -> Tensor:
-        if t.numel() == 1 or x.dim() == 0:
-            return t.reshape(())
-        shape = [1] * x.dim()
-        shape[self.channel_axis] = t.numel()
-        return t.reshape(shape)
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """The tensor that is quantized: ``x``, or ``clamp(x, *input_clamp)`` when a Relu/Relu6
+        is fused in (use it where the quantizer's input statistics are needed, e.g. calibration)."""
+        if self.input_clamp is None:
+            return x
+        return torch.clamp(x, *self.input_clamp)
 
     def alpha(self) -> Tensor:
         """The clip value(s) ``exp(log_alpha)``."""
@@ -109,16 +115,15 @@ class BitQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
-            return x
-        alpha = self._shape(self.alpha(), x).to(x.dtype)
+            return self.quantized_input(x)
+        # One autograd node per call: alpha = exp(log_alpha) and the clamp/floor of the bits are
+        # computed inside (see fakequant.learned_quant); the arithmetic stays in float32.
+        axis = self.channel_axis if self.log_alpha.numel() > 1 else None
         if self.frozen or self.exec_bits is not None:
-            bits = self._shape(self._forward_bits(), x).to(x.dtype)
-            return fixed_quant(x, alpha, bits, self.signed, self.narrow)
-        n = self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
-        lo = torch.clamp(torch.floor(n.detach()), self.min_bits, max(self.min_bits, self.max_bits - 1))
-        a = n - lo
-        return interpolated_quant(x, alpha, self._shape(lo, x).to(x.dtype),
-                                  self._shape(a, x).to(x.dtype), self.signed, self.narrow)
+            return frozen_quant(x, self.log_alpha, self._forward_bits(), axis, self.signed,
+                                self.narrow, self.input_clamp)
+        return learned_quant(x, self.log_alpha, self.bits, axis, self.min_bits, self.max_bits,
+                             self.signed, self.narrow, self.input_clamp)
 
 
 def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:

@@ -1,0 +1,173 @@
+"""Accuracy vs bits: float, ONNX Runtime PTQ (W8A8, W4A8) and onnxbits at several budgets.
+
+One command per model, the protocol of ../shared/README.md: ImageNet models fine-tune (and ORT
+calibrates) on ``imagenet/sample1000`` and are measured on ``imagenet/val1300``; CIFAR models use
+files 0000-0499 of each class of ``cifar10/test`` for tuning and 0500-0999 for measuring. Every
+variant sees the same images, preprocessing and seed. Writes ``<out>/<model>.json`` and
+``<out>/<model>.png`` (top-1 vs average bits and vs weight bytes) and prints a table.
+
+    python benchmarks/accuracy.py resnet20_cifar10 --budgets 5 4 3.5 3 --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxbits.config import ShrinkConfig
+from onnxbits.data import decode_images, load_image_set, resolve_preprocess, select_files
+from onnxbits.evaluate import make_session, predict_logits, topk_accuracy
+from onnxbits.pipeline import shrink
+from onnxbits.report import analyze_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PAPER = {"mobilenet_v2_1.0_224_dq": (4.36, "BitPruning MobileNetV2: 4.36 bits, -0.5 %")}
+PROTOCOLS = {
+    "cifar": dict(data="cifar10/test", include="*/0[0-4]*", eval_data="cifar10/test",
+                  eval_include="*/0[5-9]*", classes=None),
+    "imagenet": dict(data="imagenet/sample1000", include=None, eval_data="imagenet/val1300",
+                     eval_include=None, classes="imagenet/wnids.txt"),
+}
+MODELS = {
+    "resnet20_cifar10": ("cifar", "cifar10"),
+    "resnet56_cifar10": ("cifar", "cifar10"),
+    "efficientnet_lite0": ("imagenet", "efficientnet-lite"),
+    "mobilenet_v2_1.0_224_dq": ("imagenet", "tf-mobilenet"),
+    "mobilenet_v1_0.5_160_dq": ("imagenet", "tf-mobilenet-160"),
+    "mobilenet_v1_0.25_128_dq": ("imagenet", "tf-mobilenet-128"),
+}
+
+
+def _images(rel: str, include: str | None, classes: str | None, preset: str):
+    pre = resolve_preprocess(preset)
+    image_set = load_image_set(SHARED / "data" / rel, SHARED / "data" / classes if classes else None)
+    image_set = select_files(image_set, include, "--include")
+    return decode_images(image_set, pre, workers=2)[0]
+
+
+def ort_ptq(model: Path, calib, out: Path, weight_bits: int) -> Path:
+    """ORT quantize_static QDQ, per-channel, MinMax; W4 upgrades the model to opset 21."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rows = (np.arange(min(256, len(calib))) * len(calib)) // min(256, len(calib))
+            self.batches = iter([{name: calib.batch(rows[i:i + 32])}
+                                 for i in range(0, len(rows), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    name = onnx.load(str(model)).graph.input[0].name
+    prep = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(model), str(prep), skip_symbolic_shape=True)
+    source = prep
+    if weight_bits == 4:
+        upgraded = onnx.version_converter.convert_version(onnx.load(str(prep)), 21)
+        source = out.with_suffix(".op21.onnx")
+        onnx.save(upgraded, str(source))
+    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8)
+    return out
+
+
+def measure(path: Path, tensors) -> dict:
+    report = analyze_model(path)
+    acc = topk_accuracy(predict_logits(make_session(path), tensors), tensors.labels)
+    return {"top1": acc.top1, "top5": acc.top5, "avg_bits": report.avg_bits,
+            "avg_weight_bits": report.avg_weight_bits, "avg_act_bits": report.avg_act_bits,
+            "weight_bytes_learned": report.quantized_weight_bytes,
+            "weight_bytes_stored": report.stored_weight_bytes, "file_bytes": path.stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--budgets", type=float, nargs="+", default=[6, 5, 4, 3.5, 3])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--target", default="exact-sim", help="onnxbits emission target")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    proto_name, preset = MODELS[args.model]
+    proto = PROTOCOLS[proto_name]
+    model = SHARED / "models" / f"{args.model}.onnx"
+    args.out.mkdir(parents=True, exist_ok=True)
+    tune = _images(proto["data"], proto["include"], proto["classes"], preset)
+    held = _images(proto["eval_data"], proto["eval_include"], proto["classes"], preset)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        rows.append({"variant": "float", **measure(model, held),
+                     "seconds": round(time.perf_counter() - start, 1)})
+        for bits in (8, 4):
+            start = time.perf_counter()
+            path = ort_ptq(model, tune, Path(tmp) / f"w{bits}a8.onnx", bits)
+            rows.append({"variant": f"ORT quantize_static W{bits}A8", **measure(path, held),
+                         "seconds": round(time.perf_counter() - start, 1)})
+        for budget in args.budgets:
+            start = time.perf_counter()
+            out = Path(tmp) / f"bits{budget}.onnx"
+            cfg = ShrinkConfig(data=SHARED / "data" / proto["data"], include=proto["include"],
+                               eval_data=SHARED / "data" / proto["eval_data"],
+                               eval_include=proto["eval_include"],
+                               classes=SHARED / "data" / proto["classes"] if proto["classes"] else None,
+                               preprocess=resolve_preprocess(preset), output=out,
+                               steps=args.steps, batch_size=args.batch_size, target_bits=budget,
+                               target=args.target)
+            result = shrink(model, cfg)
+            rows.append({"variant": f"onnxbits --target-bits {budget} ({args.target})",
+                         **measure(out, held), "seconds": round(time.perf_counter() - start, 1),
+                         "torch_sim_top1": result.report["accuracy"]["torch_sim_k_bit"]["top1"]})
+            print(json.dumps(rows[-1]), flush=True)
+    float_top1 = rows[0]["top1"]
+    for row in rows:
+        row["delta_top1"] = row["top1"] - float_top1
+    (args.out / f"{args.model}.json").write_text(json.dumps(rows, indent=2))
+    _plot(rows, args.model, args.out / f"{args.model}.png")
+    print(f"| variant | avg bits | top-1 | Δ top-1 | weight bytes (learned/stored) | s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['avg_bits']:.2f} | {r['top1']:.2f} | {r['delta_top1']:+.2f} | "
+              f"{r['weight_bytes_learned'] / 1e3:.0f} kB / {r['weight_bytes_stored'] / 1e3:.0f} kB "
+              f"| {r['seconds']} |")
+
+
+def _plot(rows: list[dict], name: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    for ax, key, label in ((fig.add_subplot(1, 2, 1), "avg_bits", "average per-layer bits"),
+                           (fig.add_subplot(1, 2, 2), "weight_bytes_learned",
+                            "weight bytes at the learned bits")):
+        for marker, pick in (("o", "onnxbits"), ("s", "ORT"), ("*", "float")):
+            sel = [r for r in rows if r["variant"].startswith(pick)]
+            ax.plot([r[key] for r in sel], [r["top1"] for r in sel], marker=marker,
+                    linestyle="-" if pick == "onnxbits" else "none", label=pick)
+        if key == "avg_bits" and name in PAPER:
+            bits, text = PAPER[name]
+            ax.axvline(bits, color="grey", linestyle=":", label=text)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%) on the measure split")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{name}: top-1 vs bits (ONNX Runtime, held-out split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Deployment benchmark: size, ONNX Runtime CPU latency, fusion and accuracy of every target.
+
+Usage::
+
+    python benchmarks/deploy.py MODEL --data DIR --preset P [--steps 60] [--batch-size 32]
+        [--lambda 0.05] [--max-train-images 2000] [--max-eval-images 2000] [--runs 30]
+        [--threads 2] [--batches 1,16] [--save-dir DIR] [--json OUT.json]
+
+``MODEL`` is an ``.onnx`` path or a name in ``../shared/models``. In one process:
+
+1. a short shrink (same steps as ``onnxbits shrink``: normalise, import, attach quantizers,
+   :func:`onnxbits.deploy.prepare_ort`, calibrate, fine-tune, :func:`limit_clip_alphas`) on
+   the fine-tune split, a seeded held-out split (or DIR/val) being the measure split;
+2. emit ``ort``, ``exact-sim`` and ``pack`` and check each against the torch model
+   (:func:`onnxbits.verify.verify`: largest difference in quantization steps);
+3. ``onnxruntime.quantization.quantize_static`` int8 QDQ of the float model (per-channel
+   weights, MinMax, QDQ format, default int8 types) calibrated on ``--calib-images`` fine-tune
+   images: the baseline a user would otherwise deploy;
+   (and with uint8 activations, ``U8S8``, the faster of the two on x86);
+4. for the float model, the baselines and each target: file size, fused/unfused quantized ops
+   in ORT's optimized graph (ORT_ENABLE_ALL), top-1 on the measure split and latency with
+   ``--threads`` intra-op threads (thread-pool spinning off) at each batch size: ``--warmup``
+   runs, then ``--runs`` rounds that run every model once in a random order, so that load on a
+   shared machine hits them alike; the median (and the minimum, in the JSON) is reported, and
+   the ratio to the faster quantize_static model.
+
+Prints a table and writes JSON (``--json``). Timings on a shared machine are noisy: compare
+ratios measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxbits.config import ShrinkConfig  # noqa: E402
+from onnxbits.data import ImageTensors, resolve_preprocess  # noqa: E402
+from onnxbits.deploy import limit_clip_alphas, prepare_ort  # noqa: E402
+from onnxbits.emit import emit  # noqa: E402
+from onnxbits.evaluate import make_session, predict_logits, topk_accuracy  # noqa: E402
+from onnxbits.fusion import count_fusion, optimized_model  # noqa: E402
+from onnxbits.importer import convert, find_sites  # noqa: E402
+from onnxbits.insert import attach_quantizers, calibrate  # noqa: E402
+from onnxbits.io import load_model  # noqa: E402
+from onnxbits.normalize import normalize  # noqa: E402
+from onnxbits.pack import graph_view  # noqa: E402
+from onnxbits.pipeline import load_splits, torch_logits  # noqa: E402
+from onnxbits.report import analyze_model  # noqa: E402
+from onnxbits.train import TrainConfig, fine_tune  # noqa: E402
+from onnxbits.verify import verify  # noqa: E402
+
+TARGETS = ("ort", "exact-sim", "pack")
+
+
+def resolve_model(name: str) -> Path:
+    path = Path(name)
+    if path.suffix != ".onnx":
+        path = ROOT.parent / "shared" / "models" / f"{name}.onnx"
+    if not path.is_file():
+        raise SystemExit(f"model {name}: no such file {path}")
+    return path
+
+
+def quantize_static_int8(float_path: Path, tensors: ImageTensors, count: int, out: Path,
+                         activations: str) -> onnx.ModelProto:
+    """ORT's own int8 QDQ: per-channel int8 weights, MinMax calibration on ``count`` images,
+    ``activations`` ``int8`` (quantize_static's default) or ``uint8``."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    model = onnx.load(str(float_path))
+    name = model.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(range(min(count, len(tensors))))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            i = next(self.items, None)
+            return None if i is None else {name: tensors.batch(np.array([i]))}
+
+    act_type = QuantType.QInt8 if activations == "int8" else QuantType.QUInt8
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                    activation_type=act_type, weight_type=QuantType.QInt8)
+    return onnx.load(str(out))
+
+
+def latency(models: dict[str, bytes], x: np.ndarray, threads: int, warmup: int,
+            runs: int, seed: int = 0) -> dict[str, list[float]]:
+    """Milliseconds of every run of each model on ``x``, runs interleaved across models.
+
+    Each round runs every model once, in a new random order. Thread-pool spinning is off: the
+    idle threads of one session would otherwise spin on the cores the next session needs.
+    """
+    sessions = {}
+    for name, data in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+    for _ in range(warmup):
+        for name, s in sessions.items():
+            s.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    rng = np.random.default_rng(seed)
+    names = list(sessions)
+    for _ in range(runs):
+        for i in rng.permutation(len(names)):
+            name, s = names[i], sessions[names[i]]
+            start = time.perf_counter()
+            s.run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def pack_size_check(packed: onnx.ModelProto, ort_model: onnx.ModelProto) -> dict[str, Any]:
+    """Stored bytes of the layers at <= 4 bits vs 1.1 x (learned bits / 32) x float bytes."""
+    meta = json.loads(next(p.value for p in packed.metadata_props if p.key == "onnxbits"))
+    inits = {t.name: t for t in packed.graph.initializer}
+    ort_inits = {t.name: t for t in ort_model.graph.initializer}
+    stored = bound = 0.0
+    worst = 0.0
+    for q_name, w in meta["pack"]["weights"].items():
+        bits = meta["layers"][w["layer"]]["weight_bits"]
+        if bits > 4:
+            continue
+        tensor = inits.get(q_name) if w["format"] in ("int4", "int2") else \
+            inits[f"onnxbits_unpack/{q_name}"]
+        size = len(tensor.raw_data)
+        params = math.prod(ort_inits[q_name].dims)
+        limit = 1.1 * bits / 32 * 4 * params
+        stored += size
+        bound += limit
+        worst = max(worst, size / limit)
+    return {"stored_bytes": int(stored), "bound_bytes": round(bound, 1),
+            "ratio_to_bound": round(stored / bound, 4) if bound else None,
+            "worst_layer_ratio_to_bound": round(worst, 4)}
+
+
+def shrink_and_emit(args: argparse.Namespace, path: Path, train: ImageTensors,
+                    save_dir: Path) -> tuple[dict[str, onnx.ModelProto], dict[str, Any], Any]:
+    """Short shrink, the quantize_static baselines and every target; models saved to save_dir."""
+    original = load_model(path)
+    model = normalize(original, str(path))
+    float_graph = convert(model, str(path))
+    net = attach_quantizers(model, float_graph, find_sites(model, float_graph))
+    prepared = prepare_ort(model, net)
+    session = make_session(original, threads=args.threads)
+    teacher = predict_logits(session, train, batch_size=args.batch_size)
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, None]:
+        return torch.from_numpy(train.batch(idx)), None
+
+    calib = [fetch(np.arange(s, min(s + args.batch_size, len(train))))[0]
+             for s in range(0, min(len(train), 4 * args.batch_size), args.batch_size)]
+    calibrate(net, calib)
+    start = time.perf_counter()
+    fine_tune(net, fetch, torch.from_numpy(teacher), len(train),
+              TrainConfig(steps=args.steps, batch_size=args.batch_size, lam=args.lam,
+                          objective=args.objective, seed=args.seed))
+    clipped = limit_clip_alphas(model, net)
+    info: dict[str, Any] = {"shrink_seconds": round(time.perf_counter() - start, 1),
+                            "prepared": {k: len(v) for k, v in prepared.items()},
+                            "clip_limited": clipped, "verification": {}}
+    stem = path.stem
+    candidates: dict[str, onnx.ModelProto] = {"float": original}
+    for acts, label in STATIC.items():
+        candidates[label] = quantize_static_int8(path, train, args.calib_images,
+                                                 save_dir / f"{stem}.static_{acts}.onnx", acts)
+    for target in TARGETS:
+        emitted = emit(model, net, target, source={"model": path.name, "steps": args.steps})
+        onnx.save(emitted, str(save_dir / f"{stem}.{target}.onnx"))
+        info["verification"][target] = verify(emitted, net, calib[:2], target).to_dict()
+        candidates[f"onnxbits {target}"] = emitted
+    return candidates, info, net
+
+
+def load_saved(path: Path, save_dir: Path) -> dict[str, onnx.ModelProto]:
+    """The models a previous run saved to ``save_dir`` (``--reuse``)."""
+    stem = path.stem
+    candidates = {"float": onnx.load(str(path))}
+    for acts, label in STATIC.items():
+        candidates[label] = onnx.load(str(save_dir / f"{stem}.static_{acts}.onnx"))
+    for target in TARGETS:
+        candidates[f"onnxbits {target}"] = onnx.load(str(save_dir / f"{stem}.{target}.onnx"))
+    return candidates
+
+
+STATIC = {"int8": "quantize_static (S8S8, default)", "uint8": "quantize_static (U8S8)"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lambda", dest="lam", type=float, default=0.05)
+    parser.add_argument("--objective", default="bits")
+    parser.add_argument("--max-train-images", type=int, default=2000)
+    parser.add_argument("--max-eval-images", type=int, default=2000)
+    parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dir", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure the models a previous run saved to --save-dir")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    path = resolve_model(args.model)
+    cfg = ShrinkConfig(data=args.data, preprocess=resolve_preprocess(args.preset),
+                       steps=args.steps, batch_size=args.batch_size, lam=args.lam,
+                       objective=args.objective, max_train_images=args.max_train_images,
+                       seed=args.seed, threads=args.threads)
+    train, evaluation, split = load_splits(cfg)
+    if len(evaluation) > args.max_eval_images:
+        keep = np.sort(np.random.default_rng(args.seed).permutation(len(evaluation))
+                       [:args.max_eval_images])
+        evaluation = ImageTensors(evaluation.images[keep], evaluation.labels[keep],
+                                  evaluation.has_labels, evaluation.pre)
+    if args.reuse and args.save_dir is None:
+        raise SystemExit("--reuse needs --save-dir")
+    save_dir = args.save_dir or Path(tempfile.mkdtemp(prefix="onnxbits-deploy-"))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    if args.reuse:
+        candidates, info = load_saved(path, save_dir), {"verification": {}}
+    else:
+        candidates, info, net = shrink_and_emit(args, path, train, save_dir)
+        rows["torch k-bit simulation"] = {
+            "top1": topk_accuracy(torch_logits(net, evaluation, args.batch_size),
+                                  evaluation.labels).top1}
+    for name, proto in candidates.items():
+        data = proto.SerializeToString()
+        logits = predict_logits(make_session(data, threads=args.threads), evaluation,
+                                batch_size=args.batch_size)
+        top1 = topk_accuracy(logits, evaluation.labels).top1
+        rows[name] = {"file_bytes": len(data), "top1": top1,
+                      "fusion": count_fusion(optimized_model(data)).to_dict()}
+    rows["torch k-bit simulation"] = rows.pop("torch k-bit simulation", {"top1": None})
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = evaluation.batch(np.arange(batch) % len(evaluation))
+        times = latency({n: p.SerializeToString() for n, p in candidates.items()}, x,
+                        args.threads, args.warmup, args.runs)
+        base = min(statistics.median(t) for n, t in times.items() if n in STATIC.values())
+        for name, t in times.items():
+            ms = statistics.median(t)
+            rows[name][f"ms_batch{batch}"] = round(ms, 4)
+            rows[name][f"min_ms_batch{batch}"] = round(min(t), 4)
+            rows[name][f"ratio_to_static_batch{batch}"] = round(ms / base, 3)
+    report = analyze_model(graph_view(candidates["onnxbits pack"]))
+    result = {
+        "model": str(path), "data": split, "steps": args.steps, "lambda": args.lam,
+        "threads": args.threads, "runs": args.runs, "ort_version": ort.__version__,
+        "avg_weight_bits": report.avg_weight_bits, "avg_act_bits": report.avg_act_bits,
+        "layer_bits": {r.name: [r.weight_bits, r.act_bits, r.weight_container_bits]
+                       for r in report.layers},
+        "pack_size": pack_size_check(candidates["onnxbits pack"], candidates["onnxbits ort"]),
+        "rows": rows, **info, "seconds": round(time.perf_counter() - started, 1),
+        "saved_to": str(save_dir)}
+    print(format_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    batches = sorted(int(k[8:]) for k in next(iter(result["rows"].values())) if
+                     k.startswith("ms_batch"))
+    head = ["model", "file kB", "top-1", "fused/float-q layers", "fused other"]
+    for b in batches:
+        head += [f"ms b{b}", f"x best static b{b}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in result["rows"].items():
+        fusion = row.get("fusion")
+        cells = [name, f"{row['file_bytes'] / 1e3:.1f}" if "file_bytes" in row else "-",
+                 f"{row['top1']:.2f}" if row.get("top1") is not None else "-",
+                 f"{fusion['fused_layers']}/{fusion['float_quantized_layers']}" if fusion else "-",
+                 str(fusion["fused_other"]) if fusion else "-"]
+        for b in batches:
+            ms = row.get(f"ms_batch{b}")
+            cells += [f"{ms:.3f}" if ms is not None else "-",
+                      f"{row[f'ratio_to_static_batch{b}']:.2f}" if ms is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    steps = ", ".join(f"{t}: {v['max_steps']:.2f}" for t, v in result["verification"].items()) \
+        or "not measured (--reuse)"
+    pack = result["pack_size"]
+    lines += ["", f"avg weight bits {result['avg_weight_bits']:.2f}, avg activation bits "
+              f"{result['avg_act_bits']:.2f}; max ORT-vs-torch difference (steps): {steps}",
+              f"pack: layers at <= 4 bits store {pack['stored_bytes']} B, bound 1.1 x bits/32 x "
+              f"float = {pack['bound_bytes']} B (ratio {pack['ratio_to_bound']}, worst layer "
+              f"{pack['worst_layer_ratio_to_bound']})",
+              f"ORT {result['ort_version']}, {result['threads']} threads, median of "
+              f"{result['runs']} interleaved runs; shrink {result.get('shrink_seconds', '-')} s, "
+              f"total {result['seconds']} s"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
