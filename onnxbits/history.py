@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxbits.io import write_bytes_atomic
-from onnxbits.report import ModelReport, plot
+from onnxbits.report import ModelReport, plot, save_png
 
 if TYPE_CHECKING:
     from onnxbits.train import StepRecord
@@ -136,7 +136,7 @@ def plot_history(records: Sequence[StepRecord], path: str | Path | None = None,
     if not rows:
         top.text(0.5, 0.5, "no training steps recorded", ha="center", va="center",
                  transform=top.transAxes)
-        return _save(fig, path)
+        return save_png(fig, path)
     steps = [int(r["step"]) for r in rows]
     bits = [float(r["avg_bits"]) for r in rows]
     task = [max(float(r["task"]), 1e-8) for r in rows]
@@ -201,7 +201,7 @@ def plot_history(records: Sequence[StepRecord], path: str | Path | None = None,
     fig.suptitle(f"training history: {len(rows)} steps ({learn} learning bits, "
                  f"{len(rows) - learn} at frozen bits); average bits {bits[0]:.2f} -> "
                  f"{bits[-1]:.2f}", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _legend(axes: Any, handles: list[Any], labels: list[str]) -> None:
@@ -223,15 +223,6 @@ def _shade_phases(axes: Any, first: int, last: int, frozen_at: int | None,
         axes.text(first, 0.03, " learning bits", transform=where, fontsize=9, color="0.3")
         if frozen_at is not None:
             axes.text(split, 0.03, " bits frozen", transform=where, fontsize=9, color="0.3")
-
-
-def _save(fig: Any, path: str | Path | None) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    data = buffer.getvalue()
-    if path is not None:
-        write_bytes_atomic(data, path)
-    return data
 
 
 def run_output_paths(output_model: str | Path) -> dict[str, Path]:

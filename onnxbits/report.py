@@ -342,6 +342,11 @@ def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
                  f"{format_count(report.total_macs)} MACs\navg weight bits "
                  f"{report.avg_weight_bits:.2f}, avg activation bits {report.avg_act_bits:.2f}, "
                  f"avg bits {report.avg_bits:.2f}", fontsize=11)
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | Path | None = None) -> bytes:
+    """Render a matplotlib figure to PNG bytes (100 dpi); also write them atomically to ``path``."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     data = buffer.getvalue()
