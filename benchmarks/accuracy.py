@@ -7,6 +7,10 @@ variant sees the same images, preprocessing and seed. Writes ``<out>/<model>.jso
 ``<out>/<model>.png`` (top-1 vs average bits and vs weight bytes) and prints a table.
 
     python benchmarks/accuracy.py resnet20_cifar10 --budgets 5 4 3.5 3 --steps 400
+
+``--ablate B`` instead runs the recipe's variants at one budget ``B`` (``ABLATIONS``: scales,
+task loss, bitlength rounding, frozen-phase length, first/last layers, learning rate) and writes
+``<out>/<model>.ablation.json``.
 """
 
 from __future__ import annotations
@@ -82,6 +86,20 @@ def ort_ptq(model: Path, calib, out: Path, weight_bits: int) -> Path:
     return out
 
 
+ABLATIONS: dict[str, dict] = {
+    "default: learned scales, kd, floor/ceil interpolation, 30% frozen": {},
+    "min-max scales (clip values calibrated, not learned)": {"alpha_lr": 0.0},
+    "labels instead of distillation (ce)": {"loss": "ce"},
+    "distillation + labels (kd+ce)": {"loss": "kd+ce"},
+    "round-STE bitlength instead of interpolation": {"bit_rounding": "ste"},
+    "no frozen-bit fine-tune": {"frozen_steps": 0},
+    "50% frozen-bit fine-tune": {"frozen_steps": "half"},
+    "first and last layer kept at 8 bits": {"pin_ends": True},
+    "weight learning rate 1e-5 (default 1e-4)": {"lr": 1e-5},
+    "weight learning rate 1e-3": {"lr": 1e-3},
+}
+
+
 def measure(path: Path, tensors) -> dict:
     report = analyze_model(path)
     acc = topk_accuracy(predict_logits(make_session(path), tensors), tensors.labels)
@@ -91,13 +109,39 @@ def measure(path: Path, tensors) -> dict:
             "weight_bytes_stored": report.stored_weight_bytes, "file_bytes": path.stat().st_size}
 
 
+def _config(proto: dict, preset: str, out: Path, args: argparse.Namespace, budget: float,
+            **overrides) -> ShrinkConfig:
+    if overrides.get("frozen_steps") == "half":
+        overrides["frozen_steps"] = args.steps // 2
+    return ShrinkConfig(data=SHARED / "data" / proto["data"], include=proto["include"],
+                        eval_data=SHARED / "data" / proto["eval_data"],
+                        eval_include=proto["eval_include"],
+                        classes=SHARED / "data" / proto["classes"] if proto["classes"] else None,
+                        preprocess=resolve_preprocess(preset), output=out, steps=args.steps,
+                        batch_size=args.batch_size, target_bits=budget, target=args.target,
+                        **overrides)
+
+
+def _shrink_row(model: Path, cfg: ShrinkConfig, variant: str, held) -> dict:
+    start = time.perf_counter()
+    result = shrink(model, cfg)
+    row = {"variant": variant, **measure(cfg.output, held),
+           "seconds": round(time.perf_counter() - start, 1),
+           "torch_sim_top1": result.report["accuracy"]["torch_sim_k_bit"]["top1"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--budgets", type=float, nargs="+", default=[6, 5, 4, 3.5, 3])
+    parser.add_argument("--ablate", type=float, default=None, metavar="B",
+                        help="run the recipe ablation at budget B instead of the budget sweep")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--target", default="exact-sim", help="onnxbits emission target")
+    parser.add_argument("--no-ptq", action="store_true", help="skip the ORT quantize_static rows")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     proto_name, preset = MODELS[args.model]
@@ -111,35 +155,32 @@ def main() -> None:
         start = time.perf_counter()
         rows.append({"variant": "float", **measure(model, held),
                      "seconds": round(time.perf_counter() - start, 1)})
-        for bits in (8, 4):
+        for bits in () if args.no_ptq or args.ablate is not None else (8, 4):
             start = time.perf_counter()
             path = ort_ptq(model, tune, Path(tmp) / f"w{bits}a8.onnx", bits)
             rows.append({"variant": f"ORT quantize_static W{bits}A8", **measure(path, held),
                          "seconds": round(time.perf_counter() - start, 1)})
-        for budget in args.budgets:
-            start = time.perf_counter()
-            out = Path(tmp) / f"bits{budget}.onnx"
-            cfg = ShrinkConfig(data=SHARED / "data" / proto["data"], include=proto["include"],
-                               eval_data=SHARED / "data" / proto["eval_data"],
-                               eval_include=proto["eval_include"],
-                               classes=SHARED / "data" / proto["classes"] if proto["classes"] else None,
-                               preprocess=resolve_preprocess(preset), output=out,
-                               steps=args.steps, batch_size=args.batch_size, target_bits=budget,
-                               target=args.target)
-            result = shrink(model, cfg)
-            rows.append({"variant": f"onnxbits --target-bits {budget} ({args.target})",
-                         **measure(out, held), "seconds": round(time.perf_counter() - start, 1),
-                         "torch_sim_top1": result.report["accuracy"]["torch_sim_k_bit"]["top1"]})
-            print(json.dumps(rows[-1]), flush=True)
+        if args.ablate is not None:
+            for i, (variant, overrides) in enumerate(ABLATIONS.items()):
+                cfg = _config(proto, preset, Path(tmp) / f"ablation{i}.onnx", args, args.ablate,
+                              **overrides)
+                rows.append(_shrink_row(model, cfg, variant, held))
+        for budget in () if args.ablate is not None else args.budgets:
+            cfg = _config(proto, preset, Path(tmp) / f"bits{budget}.onnx", args, budget)
+            rows.append(_shrink_row(model, cfg, f"onnxbits --target-bits {budget} ({args.target})",
+                                    held))
     float_top1 = rows[0]["top1"]
     for row in rows:
         row["delta_top1"] = row["top1"] - float_top1
-    (args.out / f"{args.model}.json").write_text(json.dumps(rows, indent=2))
-    _plot(rows, args.model, args.out / f"{args.model}.png")
-    print(f"| variant | avg bits | top-1 | Δ top-1 | weight bytes (learned/stored) | s |")
+    stem = f"{args.model}.ablation" if args.ablate is not None else args.model
+    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    if args.ablate is None:
+        _plot(rows, args.model, args.out / f"{args.model}.png")
+    print("| variant | avg bits (W / A) | top-1 | Δ top-1 | weight bytes (learned/stored) | s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['avg_bits']:.2f} | {r['top1']:.2f} | {r['delta_top1']:+.2f} | "
+        print(f"| {r['variant']} | {r['avg_bits']:.2f} ({r['avg_weight_bits']:.2f} / "
+              f"{r['avg_act_bits']:.2f}) | {r['top1']:.2f} | {r['delta_top1']:+.2f} | "
               f"{r['weight_bytes_learned'] / 1e3:.0f} kB / {r['weight_bytes_stored'] / 1e3:.0f} kB "
               f"| {r['seconds']} |")
 

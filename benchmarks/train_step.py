@@ -1,37 +1,33 @@
 """Time one training step: float vs onnxbits (learning phase and frozen phase), side by side.
 
-Usage::
-
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_step.py resnet20_cifar10 --batch-size 128
-        [--device cpu|cuda] [--steps 10] [--warmup 2] [--threads N] [--channels-last]
-        [--amp bf16|fp16] [--fuse-relu] [--foreach] [--release-memory]
-        [--kernel auto|compiled|eager[,...]] [--json OUT.json]
-
+``python benchmarks/train_step.py MODEL --batch-size B [--device cpu|cuda]`` (``--help``: more).
 ``MODEL`` is an ``.onnx`` path or a name in ``../shared/models``. Every variant trains the same
-onnx2torch graph on the same random input batch (the model's input shape) with Adam:
+onnx2torch graph on the same random input batch with Adam:
 
-* ``float``: the float graph, ``forward + backward + step`` with the distillation loss of
-  :func:`onnxbits.train.task_loss` against fixed random teacher logits;
+* ``float``: the float graph with the distillation loss of :func:`onnxbits.train.task_loss`
+  against fixed random teacher logits;
 * ``learn``: the graph with quantizers (:func:`onnxbits.insert.attach_quantizers` +
   :func:`onnxbits.insert.calibrate`), ``task + lambda * bit cost`` and the bitlengths clamped after
   the step, exactly as a learning-phase step of :func:`onnxbits.train.fine_tune`;
 * ``frozen``: the same after :func:`onnxbits.train.freeze_all` (task loss only, no bit params).
 
 Steps of all variants are interleaved (float, learn, frozen, float, ...) so that the noise of a
-shared machine hits them alike. The table shows the median step time; ``ratio``, the median over
-rounds of step time / float step time of the same round; ``r(min)``, the ratio of the fastest
-steps; ``r(cpu)``, the ratio in process CPU time (robust when other jobs share the cores);
-images/s of the step; the bytes autograd saves for backward; minor page faults per step and the
-time of the first (compiling) steps. On CUDA the peak allocated memory of a step is added; the
-process's peak RSS is printed once. Images/s of a whole shrink (decoding, teacher, emit, verify)
-is measured by the shrink itself, not here.
+shared machine hits them alike. Columns: median step time; ``ratio``, the median over rounds of
+step time / float step time of the same round; ``r(min)``, the ratio of the fastest steps;
+``r(cpu)``, the ratio in process CPU time; images/s of the step; bytes autograd saves for
+backward; minor page faults per step; time of the first (compiling) steps; on CUDA the peak
+allocated memory of a step. The process's peak RSS after all steps is printed once.
 
-The process is set up as :func:`onnxbits.device.configure_cpu` does for a shrink (threads,
-denormals flushed, freed memory kept: ``--release-memory`` turns that off). ``OMP_WAIT_POLICY``
-must be set in the environment (it is read when torch loads). ``--fuse-relu`` lets activation
-quantizers absorb the Relu/Relu6 before them (:func:`fuse_activation_producers`, a proposal for
-:mod:`onnxbits.insert`); ``--foreach`` uses ``Adam(foreach=True)``; several ``--kernel`` values
-add one ``learn``/``frozen`` pair per quantizer kernel.
+Then a whole shrink of ``--shrink-steps`` steps runs in a child process (``onnxbits shrink``:
+decoding, teacher, calibration, fine-tune, emit, verify, evaluation), reported with its wall
+time, peak RSS and ``images/s = shrink_steps * B / wall seconds`` (data loading included).
+``--data`` and ``--shrink-options`` default to the README's CIFAR-10 protocol for CIFAR models.
+
+The process is set up as a shrink is: ``OMP_WAIT_POLICY=PASSIVE`` unless set (before torch
+loads), :func:`onnxbits.device.configure_cpu` (``--release-memory`` gives freed memory back), and
+activation quantizers that absorb the Relu/Relu6 before them (``--no-fuse`` keeps them apart).
+``--foreach`` uses ``Adam(foreach=True)``; several ``--kernel`` values add one ``learn``/``frozen``
+pair per quantizer kernel.
 """
 
 from __future__ import annotations
@@ -43,25 +39,36 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from onnxbits.device import prefer_passive_omp_wait
 
-from onnxbits.cost import bit_cost
-from onnxbits.device import autocast, configure_cpu
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
-from onnxbits.io import load_model
-from onnxbits.normalize import normalize
-from onnxbits.quant import fakequant
-from onnxbits.train import TrainConfig, freeze_all, task_loss
+prefer_passive_omp_wait()   # before torch loads, as the CLI does
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+import torch  # noqa: E402
+
+from onnxbits.cost import bit_cost  # noqa: E402
+from onnxbits.device import autocast, configure_cpu  # noqa: E402
+from onnxbits.importer import convert, find_sites  # noqa: E402
+from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits  # noqa: E402
+from onnxbits.io import load_model  # noqa: E402
+from onnxbits.normalize import normalize  # noqa: E402
+from onnxbits.quant import fakequant  # noqa: E402
+from onnxbits.train import TrainConfig, freeze_all, task_loss  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_MODELS = SHARED / "models"
+# model name prefix -> (data set under ../shared/data, shrink options): the README's protocol
+SHRINK_DATA = {"resnet": ("cifar10/test", "--preset cifar10 --include '*/0[0-4]*' "
+                                          "--eval-include '*/09*'")}
 
 
 @dataclass
@@ -136,37 +143,10 @@ def make_quant_step(net: QuantizedNetwork, x: torch.Tensor, teacher: torch.Tenso
     return step
 
 
-def fuse_activation_producers(net: QuantizedNetwork) -> int:
-    """Let every activation quantizer absorb the Relu/Relu6 that feeds only it (a proposal for
-    :mod:`onnxbits.insert`): ``relu -> q`` becomes ``q`` with ``q.input_clamp`` set, so that the
-    Relu output is never stored (``BitQuantizer.input_clamp``). Returns the number fused."""
-    modules = dict(net.graph.named_modules())
-    fused = 0
-    for node in list(net.graph.graph.nodes):
-        q = modules.get(node.target) if node.op == "call_module" else None
-        if q is None or q not in net.acts.values() or q.input_clamp is not None:
-            continue
-        producer = node.args[0]
-        act = modules.get(producer.target) if producer.op == "call_module" else None
-        clamp = {torch.nn.ReLU: (0.0, None), torch.nn.ReLU6: (0.0, 6.0)}.get(type(act))
-        if clamp is None or len(producer.users) != 1:
-            continue
-        q.input_clamp = clamp
-        node.args = (producer.args[0], *node.args[1:])
-        net.graph.graph.erase_node(producer)
-        fused += 1
-    net.graph.graph.lint()
-    net.graph.recompile()
-    return fused
-
-
 @contextlib.contextmanager
 def kernel(name: str | None) -> Iterator[None]:
-    if name is None:
-        yield
-        return
     previous = fakequant.get_kernel()
-    fakequant.set_kernel(name)
+    fakequant.set_kernel(name or previous)
     try:
         yield
     finally:
@@ -201,9 +181,9 @@ def build(args: argparse.Namespace) -> tuple[list[Variant], dict]:
     gen = torch.Generator().manual_seed(0)
     shape = input_shape(model, args.batch_size)
     x = torch.randn(shape, generator=gen)
-    net = attach_quantizers(model, float_graph, sites)
+    net = attach_quantizers(model, float_graph, sites, fuse_activations=not args.no_fuse)
     calibrate(net, [x[: min(32, len(x))]])
-    fused = fuse_activation_producers(net) if args.fuse_relu else 0
+    fused = sum(q.input_clamp is not None for q in net.acts.values())
     with torch.no_grad():
         n_out = float_graph(x[:1]).shape[-1]
     teacher = torch.randn(args.batch_size, n_out, generator=gen).to(device)
@@ -218,20 +198,15 @@ def build(args: argparse.Namespace) -> tuple[list[Variant], dict]:
         float_graph.to(memory_format=memory_format)
         net.graph.to(memory_format=memory_format)
     variants = [Variant("float", make_float_step(float_graph, x, teacher, cfg, device, args.amp,
-                                                       args.foreach))]
+                                                 args.foreach))]
     kernels = args.kernel.split(",") if args.kernel else [None]
     frozen_net = copy.deepcopy(net)
     freeze_all(frozen_net)
     for k in kernels:
-        suffix = f" [{k}]" if len(kernels) > 1 else ""
-        learn_net = net if k == kernels[-1] else copy.deepcopy(net)
-        variants.append(Variant("learn" + suffix,
-                                make_quant_step(learn_net, x, teacher, cfg, False, device,
-                                                args.amp, args.foreach), k))
-        fnet = frozen_net if k == kernels[-1] else copy.deepcopy(frozen_net)
-        variants.append(Variant("frozen" + suffix,
-                                make_quant_step(fnet, x, teacher, cfg, True, device, args.amp,
-                                                args.foreach), k))
+        for phase, base in (("learn", net), ("frozen", frozen_net)):
+            step = make_quant_step(base if k == kernels[-1] else copy.deepcopy(base), x, teacher,
+                                   cfg, phase == "frozen", device, args.amp, args.foreach)
+            variants.append(Variant(phase + (f" [{k}]" if len(kernels) > 1 else ""), step, k))
     info = {"model": path.name, "input_shape": list(shape), "sites": len(sites),
             "act_quantizers": len(net.acts), "fused_relu": fused}
     return variants, info
@@ -272,8 +247,7 @@ def report(variants: list[Variant], info: dict, args: argparse.Namespace) -> dic
         med = statistics.median(v.times)
         paired = statistics.median(t / b for t, b in zip(v.times, base.times))
         cpu = statistics.median(c / b for c, b in zip(v.cpu_times, base.cpu_times))
-        kernel_name = v.kernel or getattr(fakequant, "get_kernel", lambda: "original")()
-        rows.append({"variant": v.name, "kernel": kernel_name,
+        rows.append({"variant": v.name, "kernel": v.kernel or fakequant.get_kernel(),
                      "median_s": med, "min_s": min(v.times), "ratio": paired,
                      "ratio_of_min": min(v.times) / min(base.times), "cpu_ratio": cpu,
                      "images_per_s": args.batch_size / med, "saved_mb": v.saved_bytes / 2**20,
@@ -295,7 +269,7 @@ def report(variants: list[Variant], info: dict, args: argparse.Namespace) -> dic
           f"channels_last={args.channels_last}, amp={args.amp}, fused relu={info['fused_relu']}, "
           f"{args.steps} steps")
     print(f"{'variant':<20}{'median s':>9}{'min s':>8}{'ratio':>7}{'r(min)':>7}{'r(cpu)':>7}"
-          f"{'img/s':>8}{'saved MB':>9}{'first s':>8}"
+          f"{'img/s':>8}{'saved MB':>9}{'faults':>8}{'first s':>8}"
           + ("  cuda peak MB" if args.device == "cuda" else ""))
     for r in rows:
         line = (f"{r['variant']:<20}{r['median_s']:>9.4f}{r['min_s']:>8.4f}{r['ratio']:>7.2f}"
@@ -304,10 +278,41 @@ def report(variants: list[Variant], info: dict, args: argparse.Namespace) -> dic
         if r["cuda_peak_mb"] is not None:
             line += f"{r['cuda_peak_mb']:>14.1f}"
         print(line)
-    print("ratio: median over rounds of (step / float step of the same round); r(min): ratio of "
-          "the fastest steps; r(cpu): the same with process CPU time; faults: minor page faults "
-          "per step (fresh memory from the OS)")
-    print(f"peak RSS of the process: {rss:.0f} MB")
+    print("ratio: median of step / float step per round; r(min): of the fastest steps; r(cpu): "
+          f"in CPU time; faults: minor page faults per step; peak RSS {rss:.0f} MB")
+    return result
+
+
+def run_shrink(args: argparse.Namespace, path: Path) -> dict | None:
+    """A whole ``onnxbits shrink`` of ``--shrink-steps`` steps in a child process: wall time,
+    peak RSS of the child and ``images_per_s = shrink_steps * batch_size / wall_s``."""
+    default = next((v for k, v in SHRINK_DATA.items() if path.stem.startswith(k)), None)
+    data = args.data or (SHARED / "data" / default[0] if default else None)
+    options = args.shrink_options or (default[1] if default and args.data is None else "")
+    if args.shrink_steps <= 0 or data is None or not data.exists():
+        print("whole shrink: skipped (--shrink-steps 0, or no --data for this model)")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "onnxbits.cli.main", "shrink", str(path), "--data", str(data),
+               "--steps", str(args.shrink_steps), "--batch-size", str(args.batch_size),
+               "--device", args.device, "-o", str(Path(tmp) / "out.onnx"), "--json", "-q",
+               *(["--threads", str(args.threads)] if args.threads else []), *shlex.split(options)]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - started
+    images = args.shrink_steps * args.batch_size
+    result = {"command": shlex.join(cmd), "returncode": done.returncode, "wall_s": wall,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+              "images": images, "images_per_s": images / wall}
+    if done.returncode != 0:
+        print(f"whole shrink failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        return result
+    shrink = json.loads(done.stdout)
+    result.update(n_train=shrink["data"].get("n_train"), n_eval=shrink["data"].get("n_eval"),
+                  pipeline_s=shrink.get("seconds"), runtime=shrink.get("runtime"))
+    print(f"whole shrink, {args.shrink_steps} steps of {args.batch_size} ({result['n_train']} + "
+          f"{result['n_eval']} images decoded): {wall:.1f} s ({result['pipeline_s']} s after "
+          f"start-up), {images / wall:.1f} images/s, peak RSS {result['peak_rss_mb']:.0f} MB")
     return result
 
 
@@ -320,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--fuse-relu", action="store_true",
-                        help="activation quantizers absorb the Relu/Relu6 before them")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep each Relu/Relu6 apart from the activation quantizer after it")
     parser.add_argument("--foreach", action="store_true", default=None,
                         help="Adam(foreach=True) for every variant (train.py uses the default)")
     parser.add_argument("--release-memory", action="store_true",
@@ -329,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--kernel", default=None,
                         help="quantizer kernel(s), comma-separated: auto, compiled, eager")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="images for the whole shrink (default: cifar10/test for CIFAR)")
+    parser.add_argument("--shrink-steps", type=int, default=30,
+                        help="steps of the whole shrink (0: skip it)")
+    parser.add_argument("--shrink-options", default=None,
+                        help="extra 'onnxbits shrink' options, e.g. \"--preset cifar10\"")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -338,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     variants, info = build(args)
     measure(variants, args)
     result = report(variants, {**info, "cpu_settings": cpu}, args)
+    result["shrink"] = run_shrink(args, resolve_model(args.model))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
+from onnxbits.cli.errors import handle_errors
+from onnxbits.cli.options import preprocess_from_options, preprocess_options
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from onnxbits.cli.errors import handle_errors
-from onnxbits.cli.options import preprocess_options, preprocess_from_options
-from onnxbits.config import GRANULARITIES, LOSSES, ShrinkConfig
+from onnxbits.config import AMP_CHOICES, GRANULARITIES, LOSSES, ROUNDINGS, ShrinkConfig
 from onnxbits.cost import OBJECTIVES
 from onnxbits.emit import TARGETS
 
@@ -73,6 +74,14 @@ class _ProgressView:
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True,
               help="Adam learning rate of the weights and biases.")
+@click.option("--alpha-lr", type=float, default=1e-2, show_default=True,
+              help="Adam learning rate of the clip values (log-parametrised); 0 keeps the "
+                   "calibrated min-max values.")
+@click.option("--bit-rounding", type=click.Choice(ROUNDINGS), default="interp", show_default=True,
+              help="How a fractional bitlength quantizes while it is learned: interp = "
+                   "BitPruning's floor/ceil interpolation, ste = round-STE (slower, an ablation).")
+@click.option("--pin-ends", is_flag=True,
+              help="Keep the first and the last layer (weights and input) at --max-bits.")
 @click.option("--bits-lr", type=float, default=None,
               help="Adam learning rate of the bitlengths (default 2 (max-min) / learning steps).")
 @click.option("--lambda", "lam", type=float, default=0.05, show_default=True,
@@ -102,7 +111,13 @@ class _ProgressView:
               help="ort = fastest in ONNX Runtime (k-bit weights in int8, activations executed in "
                    "8 bits over the learned range); exact-sim = exact k-bit weights and "
                    "activations (QuantizeLinear -> Clip -> DequantizeLinear).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the fine-tune runs: cpu, cuda, cuda:N or auto (CUDA when available). "
+                   "Under torchrun each process uses cuda:LOCAL_RANK (or the CPU with --device "
+                   "cpu) and --batch-size is the global batch.")
+@click.option("--amp", type=click.Choice(AMP_CHOICES), default="off", show_default=True,
+              help="Mixed precision of the fine-tune's forward pass: bf16 (CPU or CUDA) or fp16 "
+                   "(CUDA, with a gradient scaler); the quantizers compute in float32.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--eval-fraction", type=float, default=0.2, show_default=True,
               help="Share of DATA held out for measuring when there is no separate eval set.")
@@ -126,29 +141,39 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     """Learn a bitlength for every layer of MODEL and write MODEL.bits.onnx plus a JSON report.
 
     Example: onnxbits shrink resnet20.onnx --data cifar/ --preset cifar10 --steps 400
+
+    \b
+    On several GPUs (data parallel; only rank 0 writes and prints):
+    torchrun --nproc_per_node=4 -m onnxbits.cli.main shrink MODEL --data DIR --device cuda
     """
+    from onnxbits.distributed import world_size
     from onnxbits.pipeline import shrink
 
     pre = preprocess_from_options(**options)
-    keys = ("steps", "frozen_steps", "batch_size", "lr", "bits_lr", "lam", "objective", "loss",
-            "min_bits", "max_bits", "granularity", "target", "device", "seed", "eval_fraction",
-            "max_train_images", "threads", "include", "eval_include", "target_bits",
-            "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every", "resume",
-            "skip_unsupported")
+    keys = ("steps", "frozen_steps", "batch_size", "lr", "alpha_lr", "bit_rounding", "pin_ends",
+            "bits_lr", "lam", "objective", "loss",
+            "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
+            "eval_fraction", "max_train_images", "threads", "include", "eval_include",
+            "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",
+            "resume", "skip_unsupported")
     cfg = ShrinkConfig(data=data, preprocess=pre, output=output, eval_data=eval_data,
                        classes=classes, **{k: options[k] for k in keys})
     console = Console(stderr=True)
-    view = None if (quiet or as_json) else _ProgressView(console)
+    worker = world_size() > 1 and os.environ.get("RANK", "0") != "0"
+    view = None if (quiet or as_json or worker) else _ProgressView(console)
     try:
         result = shrink(model, cfg, on_event=view)
     except KeyboardInterrupt:
-        from onnxbits.checkpoint import checkpoint_path
         from onnxbits.cli.errors import fail
+
+        from onnxbits.checkpoint import checkpoint_path
         from onnxbits.pipeline import default_output
 
         if view is not None:
             view.close()
             view = None
+        if worker:            # rank 0 saves the checkpoint and says so
+            sys.exit(130)
         ckpt = checkpoint_path(output if output is not None else default_output(model))
         if ckpt.is_file():
             fail(f"interrupted; the fine-tune is saved in {ckpt}: rerun the same command with "
@@ -158,12 +183,15 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     finally:
         if view is not None:
             view.close()
+    if not result.main:       # a torchrun process other than rank 0: rank 0 reports
+        return
     for warning in result.report.get("warnings", []):
         click.echo(f"Warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.report))
         return
     from onnxbits.cli.report import print_report
+
     from onnxbits.report import analyze_model
 
     out = Console(width=None if sys.stdout.isatty() else 160)

@@ -1,16 +1,24 @@
 """Budget mode: adapt lambda so the run lands on a bit budget, and freeze onto the budget.
 
 During the learning phase the budget follows a ramp from the starting cost ``c_0`` to the target
-``B`` over the first ``ramp`` share of the learning steps, ``b_t = c_0 + (B - c_0) min(1, t / T_r)``,
-and lambda is updated multiplicatively after every step::
+``B`` over the first ``ramp`` share of the learning steps, ``b_t = c_0 + (B - c_0) min(1, t / T_r)``.
+After every optimizer step, with the cost ``c_t`` the step left, lambda is updated
+multiplicatively::
 
     lambda_{t+1} = clip(lambda_t * exp(gain * (c_t - b_t)), lambda_min, lambda_max)
 
-so it grows while the cost is above the ramp and shrinks below it. At the freeze, the integer
-bits first follow the one freeze rule ``k = floor(n + 1/2)``; if the integer cost is then more
-than ``tolerance`` away from ``B``, the groups closest to their rounding boundary move to the
-other integer (down when over budget, up when under), one at a time and only when the move brings
-the cost closer to ``B``, until it is within the tolerance or no move helps.
+so it grows while the bitlengths drift above the ramp and shrinks below it (lambda decides which
+groups give up bits: those whose task gradient is weaker than the cost's). Then every learnable
+bitlength is shifted by one common amount ``s`` so that the cost lies exactly on the ramp:
+``cost(clamp(n - s, min_bits, max_bits)) = b_t`` (bisection on ``s``; the cost falls
+monotonically in ``s``). Lambda alone oscillates around the ramp, because Adam moves every
+bitlength at up to its learning rate per step whatever lambda's size; the shift removes the
+excursions while keeping the relative bitlengths lambda and the task loss chose.
+
+At the freeze, the integer bits first follow the one freeze rule ``k = floor(n + 1/2)``; if the
+integer cost is then more than ``tolerance`` away from ``B``, the groups closest to their rounding
+boundary move to the other integer (down when over budget, up when under), one at a time and only
+when the move brings the cost closer to ``B``, until it is within the tolerance or no move helps.
 """
 
 from __future__ import annotations
@@ -26,7 +34,11 @@ from onnxbits.insert import QuantizedNetwork, layer_bits
 
 @dataclass
 class LambdaController:
-    """Multiplicative lambda controller that tracks a linear ramp towards ``target``."""
+    """Multiplicative lambda controller that tracks a linear ramp towards ``target``.
+
+    With ``net`` it also shifts the learnable bitlengths onto the ramp after every step
+    (:func:`shift_onto_budget`) and measures the cost itself after the step.
+    """
 
     target: float
     start: float
@@ -35,6 +47,8 @@ class LambdaController:
     gain: float = 0.5
     lam_min: float = 1e-4
     lam_max: float = 100.0
+    net: QuantizedNetwork | None = None
+    objective: str = "bits"
 
     def budget_at(self, step: int) -> float:
         """The ramp ``b_t``."""
@@ -42,9 +56,55 @@ class LambdaController:
         return self.start + (self.target - self.start) * min(1.0, (step + 1) / span)
 
     def __call__(self, step: int, lam: float, cost: float) -> float:
-        """Next lambda after ``step`` with cost ``cost``."""
-        lam = lam * math.exp(self.gain * (cost - self.budget_at(step)))
-        return min(self.lam_max, max(self.lam_min, lam))
+        """Next lambda after ``step``; ``cost`` is the cost the step started from (used without
+        ``net``)."""
+        budget = self.budget_at(step)
+        if self.net is not None:
+            cost = _learned_cost(self.net, self.objective)
+        lam = min(self.lam_max, max(self.lam_min, lam * math.exp(self.gain * (cost - budget))))
+        if self.net is not None:
+            shift_onto_budget(self.net, self.objective, budget)
+        return lam
+
+
+def _learned_cost(net: QuantizedNetwork, objective: str) -> float:
+    with torch.no_grad():
+        return float(bit_cost(objective, layer_bits(net)))
+
+
+@torch.no_grad()
+def shift_onto_budget(net: QuantizedNetwork, objective: str, budget: float,
+                      iterations: int = 40) -> float:
+    """Shift every learnable (not frozen) bitlength by one ``s`` so that the cost is ``budget``.
+
+    Solves ``cost(clamp(n - s, min_bits, max_bits)) = budget`` by bisection over
+    ``s in [-(max - min), max - min]``; when the budget is out of reach the nearest end is used.
+    Returns ``s`` (positive: bits went down).
+    """
+    learnable = [q for q in net.quantizers() if not q.frozen]
+    if not learnable:
+        return 0.0
+    base = [q.bits.detach().clone() for q in learnable]
+    span = float(max(q.max_bits - q.min_bits for q in learnable))
+
+    def cost_at(s: float) -> float:
+        for q, b in zip(learnable, base):
+            q.bits.copy_((b - s).clamp(q.min_bits, q.max_bits))
+        return _learned_cost(net, objective)
+
+    lo, hi = -span, span          # cost_at(lo) >= budget >= cost_at(hi) when reachable
+    if cost_at(hi) >= budget:
+        return hi
+    if cost_at(lo) <= budget:
+        return lo
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if cost_at(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    cost_at(hi)
+    return hi
 
 
 def _integer_cost(net: QuantizedNetwork, objective: str) -> float:
@@ -56,9 +116,10 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
                      tolerance: float = 0.1) -> list[str]:
     """Freeze every quantizer with the freeze rule, then nudge groups onto the budget.
 
-    Returns a description of every group moved off its rounded value.
+    Quantizers frozen before the call (pinned layers) are left as they are. Returns a
+    description of every group moved off its rounded value.
     """
-    quantizers = net.quantizers()
+    quantizers = [q for q in net.quantizers() if not q.frozen]
     names = {id(layer.wq): f"{node} (weights)" for node, layer in net.layers.items()}
     names.update({id(q): f"{tensor} (activation)" for tensor, q in net.acts.items()})
     fractional = {id(q): q.bits.detach().clone() for q in quantizers}

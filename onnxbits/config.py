@@ -9,9 +9,11 @@ from onnxbits.cost import OBJECTIVES
 from onnxbits.data import Preprocess
 from onnxbits.emit import TARGETS
 from onnxbits.errors import ConfigError
+from onnxbits.quant.quantizer import ROUNDINGS
 
 LOSSES = ("kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
+AMP_CHOICES = ("off", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class ShrinkConfig:
     batch_size: int = 64
     lr: float = 1e-4
     alpha_lr: float = 1e-2
+    bit_rounding: str = "interp"
+    pin_ends: bool = False
     bits_lr: float | None = None
     lam: float = 0.05
     target_bits: float | None = None
@@ -43,6 +47,7 @@ class ShrinkConfig:
     granularity: str = "layer"
     target: str = "ort"
     device: str = "cpu"
+    amp: str = "off"
     seed: int = 0
     eval_fraction: float = 0.2
     verify_batches: int = 2
@@ -62,6 +67,10 @@ class ShrinkConfig:
             return "bops"
         return None
 
+    def amp_dtype(self) -> str | None:
+        """``bf16`` / ``fp16`` for :func:`onnxbits.device.autocast`, None for ``off``."""
+        return None if self.amp == "off" else self.amp
+
     def __post_init__(self) -> None:
         checks = [
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
@@ -70,6 +79,9 @@ class ShrinkConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
             (self.bits_lr is None or self.bits_lr >= 0, f"--bits-lr must be >= 0, got {self.bits_lr}"),
+            (self.alpha_lr >= 0, f"--alpha-lr must be >= 0, got {self.alpha_lr}"),
+            (self.bit_rounding in ROUNDINGS,
+             f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
@@ -82,8 +94,10 @@ class ShrinkConfig:
             (self.granularity in GRANULARITIES,
              f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"),
             (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}"),
-            (self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
-             f"--device must be cpu or cuda, got {self.device!r}"),
+            (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
+             f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}"),
+            (self.amp in AMP_CHOICES,
+             f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}"),
             (0 < self.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
             (self.checkpoint_every >= 0,
              f"--checkpoint-every must be >= 0 steps (0: only on Ctrl-C), "
@@ -107,8 +121,9 @@ class ShrinkConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.device.startswith("cuda"):
-            import torch
+        from onnxbits.device import check_amp, resolve_device
 
-            if not torch.cuda.is_available():
-                raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+        try:
+            check_amp(self.amp_dtype(), resolve_device(self.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None

@@ -11,7 +11,9 @@ no version newer than opset 17 for most ops. :func:`register` (idempotent; calle
   input, ``wrap`` mode),
   ``Resize``-18/19 (when the new attributes keep their defaults);
 * ``Reshape``-14/19/21 with ``allowzero=1`` and ``AveragePool`` with asymmetric pads or
-  dilations of 1 at every version (the onnx2torch converters reject both).
+  dilations of 1 at every version (the onnx2torch converters reject both);
+* ``Slice``-10/11/13 with constant starts/ends/axes/steps: the index tuple is built once
+  (onnx2torch indexes with a list at every call, which torch deprecates with a warning per call).
 
 Every unsupported case raises ``NotImplementedError`` saying what is missing; the importer turns
 it into an :class:`onnxbits.errors.UnsupportedOpError` naming the node.
@@ -259,6 +261,53 @@ class ReshapeAllowZero(nn.Module):
         return torch.reshape(x, [int(d) for d in shape.tolist()])
 
 
+class ConstSlice(nn.Module):
+    """ONNX ``Slice`` with constant arguments: ``flip(x, flip_dims)[index]``; a negative step
+    flips the axis and maps ``start, end -> -start - 1, -end - 1`` (as onnx2torch does)."""
+
+    def __init__(self, index: tuple[slice, ...], flip_dims: list[int]) -> None:
+        super().__init__()
+        self.index = index
+        self.flip_dims = flip_dims
+
+    def forward(self, x: Tensor, *constants: Tensor) -> Tensor:
+        """Slice ``x`` (the constant inputs are already in ``index``)."""
+        if self.flip_dims:
+            x = torch.flip(x, dims=self.flip_dims)
+        return x[self.index]
+
+
+def _initializer_ints(node: OnnxNode, graph: OnnxGraph, index: int) -> list[int] | None:
+    if len(node.input_values) <= index or not node.input_values[index]:
+        return None
+    name = node.input_values[index]
+    if name not in graph.initializers:
+        raise LookupError(name)
+    return [int(v) for v in graph.initializers[name].to_torch().reshape(-1).tolist()]
+
+
+def _slice(fallback: Converter) -> Converter:
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        try:
+            starts, ends, axes, steps = (_initializer_ints(node, graph, i) for i in range(1, 5))
+        except LookupError:
+            return fallback(node, graph)
+        axes = list(range(len(starts))) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        if min(axes, default=0) < 0:
+            return fallback(node, graph)
+        slices: dict[int, slice] = {}
+        flip_dims = []
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            if step < 0:
+                flip_dims.append(axis)
+                start, end, step = -start - 1, -end - 1, -step
+            slices[axis] = slice(start, end, step)
+        index = tuple(slices.get(a, slice(None)) for a in range(max(axes, default=-1) + 1))
+        return _result(ConstSlice(index, flip_dims), node)
+    return convert
+
+
 def _reshape(fallback: Converter) -> Converter:
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         if node.attributes.get("allowzero", 0) != 1:
@@ -298,6 +347,8 @@ def register() -> None:
     for op in ("ReduceMax", "ReduceMin"):
         _add(op, 20, _reduce)
     _add("Split", 18, _split18)
+    for version in (10, 11, 13):
+        _add("Slice", version, _slice(_get("Slice", version)), replace=True)
     for version in (11, 13, 18, 19, 21):   # onnx2torch's 11/13 pass constant_value as a Tensor
         _add("Pad", version, _pad18, replace=True)
     for version in (18, 19):

@@ -9,8 +9,11 @@
   back to the OS and faulted in again (zero-filled) at the next step. Without it a quantized
   ResNet-20 step took 23k-64k page faults and an EfficientNet-Lite0 float step 480k.
 * :func:`configure_cpu`: threads, denormals flushed to zero, and the allocator setting above.
-* :func:`resolve_device` and :func:`autocast`: ``cpu`` / ``cuda`` / ``auto`` and mixed precision;
-  the quantizers compute in float32 under autocast (:mod:`onnxbits.quant.fakequant`).
+* :func:`resolve_device`, :func:`check_amp` and :func:`autocast`: ``cpu`` / ``cuda`` /
+  ``cuda:N`` / ``auto`` and mixed precision (bf16 on CPU and CUDA, fp16 on CUDA); the quantizers
+  compute in float32 under autocast (:mod:`onnxbits.quant.fakequant`).
+* :class:`ResidentImages`: the decoded training images kept on the GPU as uint8 and normalised
+  there, so that a step does not wait for a host-to-device copy of float32 batches.
 
 Nothing here prints; every function returns what it did.
 """
@@ -25,7 +28,8 @@ import platform
 import sys
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:      # torch (and numpy) load lazily: see prefer_passive_omp_wait
+    import numpy as np
     import torch
 
 _M_TRIM_THRESHOLD = -1
@@ -77,7 +81,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) as a torch device.
 
     Raises:
-        ValueError: the name is unknown or names a CUDA device that torch cannot see.
+        ValueError: the name is unknown or names a CUDA device that torch cannot see; the message
+            starts with ``--device NAME:``.
     """
     import torch
 
@@ -85,14 +90,45 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from exc
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise ValueError(f"--device {name}: only cpu, cuda, cuda:N and auto are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}': torch sees no CUDA device (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda}); use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device '{name}': only cpu and cuda are supported")
+        raise ValueError(f"--device {name}: no CUDA device is available here (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's (``platform.processor()`` or machine)."""
+    import torch
+
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return platform.processor() or platform.machine()
+
+
+def check_amp(amp: str | None, device: torch.device) -> None:
+    """``bf16`` runs on CPU and on GPUs with bfloat16 support, ``fp16`` on CUDA only.
+
+    Raises:
+        ValueError: an unknown ``amp`` or one the device cannot run (message names ``--amp``).
+    """
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"--amp {amp}: choose {', '.join(AMP_DTYPES)} or off")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (float16 autocast with a gradient "
+                         "scaler); use --amp bf16 or --amp off on CPU")
+    if amp == "bf16" and device.type == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                             "support; use --amp fp16")
 
 
 def autocast(device: torch.device | str, amp: str | None) -> contextlib.AbstractContextManager:
@@ -110,3 +146,31 @@ def autocast(device: torch.device | str, amp: str | None) -> contextlib.Abstract
     kind = torch.device(device).type
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=kind, dtype=dtype)
+
+
+class ResidentImages:
+    """uint8 images ``(N, H, W, C)`` held on ``device``, normalised there batch by batch.
+
+    ``batch(idx)[n, c, h, w] = table[c, images[idx[n], h, w, c]]`` with the float32 lookup table
+    ``(C, 256)`` of :meth:`onnxbits.data.Preprocess.lookup_table`: the values are those of
+    :meth:`onnxbits.data.ImageTensors.batch`, bit for bit.
+    """
+
+    def __init__(self, images: np.ndarray, table: np.ndarray, device: torch.device) -> None:
+        import numpy as np
+        import torch
+
+        self.device = device
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        channels = table.shape[0]
+        self.table = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)).to(device)
+        self.offsets = torch.arange(channels, device=device).view(1, channels, 1, 1) * 256
+
+    def batch(self, indices: np.ndarray) -> torch.Tensor:
+        """Float32 NCHW inputs of ``indices``, on the device."""
+        import numpy as np
+        import torch
+
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
+        pixels = self.images.index_select(0, idx).permute(0, 3, 1, 2).long() + self.offsets
+        return self.table.reshape(-1)[pixels].contiguous()

@@ -3,10 +3,12 @@
 Sensitivity is measured, not guessed: for every quantizer group ``g`` (a layer's weights or an
 activation tensor), its bits are set to ``max_bits`` alone and the distillation loss
 ``KL(teacher || student)`` on fixed fine-tune images is recomputed; the gain
-``KL_base - KL_g`` ranks the groups. The most sensitive group is raised by ``step`` bits
-(capped at ``max_bits``), the network is fine-tuned briefly at the new frozen bits, and the drop
-is measured again; this repeats until ``drop <= max_drop``, every group is at ``max_bits`` or a
-raise limit is reached.
+``KL_base - KL_g`` ranks the groups. In round ``r = 0, 1, 2, ...`` the ``2**r`` most sensitive
+groups are raised by ``step`` bits (capped at ``max_bits``), the network is fine-tuned briefly at
+the new frozen bits, and the drop is measured again; this repeats until ``drop <= max_drop``,
+every group is at ``max_bits`` or ``max_rounds`` rounds have run. Doubling the raise keeps the
+first rounds cheap in bits and still reaches every group within ``log2(groups) + 1`` rounds, so
+the guard holds whenever the network at ``max_bits`` meets the drop.
 """
 
 from __future__ import annotations
@@ -57,28 +59,33 @@ def sensitivities(net: QuantizedNetwork, batches: list[Tensor],
 def enforce_max_drop(net: QuantizedNetwork, measure_drop: Callable[[], float], max_drop: float,
                      batches: list[Tensor], teachers: list[Tensor],
                      retune: Callable[[], object] | None = None, step: int = 2,
-                     max_raises: int = 12) -> tuple[float, list[dict[str, object]]]:
-    """Raise the most sensitive group, re-tune, re-measure, until ``drop <= max_drop``.
+                     max_rounds: int = 10) -> tuple[float, list[dict[str, object]]]:
+    """Raise the most sensitive groups, re-tune, re-measure, until ``drop <= max_drop``.
 
-    After each raise ``retune()`` (a short fine-tune at the frozen bits) lets the weights adapt
-    to the new grid: weights tuned at few bits do not improve by a finer grid alone. Stops after
-    ``max_raises`` raises or when every group is at ``max_bits``. Returns the final drop and one
-    record per raise (group, bits before/after, drop after).
+    After each round ``retune()`` (a short fine-tune at the frozen bits) lets the weights adapt
+    to the new grid: weights tuned at few bits do not improve by a finer grid alone. Returns the
+    final drop and one record per raised group (round, group, bits before/after, drop after the
+    round).
     """
     drop = measure_drop()
     raised: list[dict[str, object]] = []
-    while drop > max_drop and len(raised) < max_raises:
+    for round_ in range(max_rounds):
+        if drop <= max_drop:
+            break
         with torch.enable_grad():
             ranked = sensitivities(net, batches, teachers)
         if not ranked:
             break
-        _, name, q = ranked[0]
-        before = float(q.frozen_bits.mean())
-        q.frozen_bits.add_(step).clamp_(max=q.max_bits)
+        chosen = ranked[: 2**round_]
+        records = []
+        for _, name, q in chosen:
+            before = float(q.frozen_bits.mean())
+            q.frozen_bits.add_(step).clamp_(max=q.max_bits)
+            records.append({"round": round_, "group": name, "bits_before": before,
+                            "bits_after": float(q.frozen_bits.mean())})
         if retune is not None:
             with torch.enable_grad():
                 retune()
         drop = measure_drop()
-        raised.append({"group": name, "bits_before": before,
-                       "bits_after": float(q.frozen_bits.mean()), "drop_after": drop})
+        raised += [{**r, "drop_after": drop} for r in records]
     return drop, raised

@@ -3,8 +3,18 @@
 Each site's weight goes through a per-channel symmetric (narrow-range) quantizer. Each distinct
 ONNX tensor that feeds a site gets one per-tensor activation quantizer, inserted right after the
 tensor's producer so that every consumer of that tensor sees the quantized value, exactly as the
-emitted ONNX graph will (one QuantizeLinear/DequantizeLinear pair per tensor). Activations are
-unsigned when the tensor comes from Relu (or a non-negative Clip), else signed.
+emitted ONNX graph will (one QuantizeLinear/DequantizeLinear pair per tensor; a graph output keeps
+the float tensor, as in the emitted graph). Activations are unsigned when the tensor comes from
+Relu (or a non-negative Clip), else signed.
+
+Activation fusion (``fuse_activations=True``): when the producer is a Relu (``(lo, hi) = (0,
+None)``) or a Relu6/Hardtanh (``(min_val, max_val)``) whose only user is the new quantizer, the
+quantizer reads the producer's input with ``input_clamp=(lo, hi)`` and the producer node is
+removed: ``Q(clamp(x, lo, hi))`` is computed in one kernel, with the values and gradients of
+``Q(relu(x))`` (see :class:`~onnxbits.quant.quantizer.BitQuantizer`), and the Relu output is never
+stored. ``QuantizedNetwork.acts`` stays keyed by the ONNX name of the Relu output. A general
+``Clip`` (onnx2torch's ``OnnxClip``) is not fused: ``torch.clamp`` passes the gradient at the
+bounds, the fused clamp (like Relu/Hardtanh) does not.
 """
 
 from __future__ import annotations
@@ -110,16 +120,54 @@ def _producer(gm: fx.GraphModule, tensor: str, graph_inputs: list[str]) -> fx.No
     return None
 
 
+def _clamp_of(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float | None] | None:
+    """``(lo, hi)`` when ``node`` is ``relu(x)`` or ``hardtanh(x, lo, hi)`` (Relu6), else None."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module" and not node.kwargs and len(node.args) == 1:
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, nn.ReLU):
+            return (0.0, None)
+        if isinstance(module, nn.Hardtanh):
+            return (float(module.min_val), float(module.max_val))
+    if node.op == "call_function" and node.target in (F.relu, torch.relu) and \
+            len(node.args) == 1 and not node.kwargs.get("inplace", False):
+        return (0.0, None)
+    return None
+
+
+def _fuse_producer(gm: fx.GraphModule, node: fx.Node, quantizer: BitQuantizer) -> bool:
+    """Absorb the Relu/Relu6 feeding quantizer ``node`` if it feeds nothing else (module
+    docstring); True if fused."""
+    producer = node.args[0]
+    clamp = _clamp_of(gm, producer) if isinstance(producer, fx.Node) else None
+    if clamp is None or list(producer.users) != [node]:
+        return False
+    quantizer.input_clamp = clamp
+    node.args = (producer.args[0],)
+    gm.graph.erase_node(producer)
+    if producer.op == "call_module" and not any(
+            n.op == "call_module" and n.target == producer.target for n in gm.graph.nodes):
+        gm.delete_submodule(str(producer.target))
+    return True
+
+
 def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites: list[Site], *,
                       min_bits: int = 2, max_bits: int = 8, per_channel_bits: bool = False,
-                      quantize_acts: bool = True) -> QuantizedNetwork:
-    """Deep-copy ``float_graph`` and attach weight and activation quantizers at ``sites``."""
+                      quantize_acts: bool = True,
+                      fuse_activations: bool = True) -> QuantizedNetwork:
+    """Deep-copy ``float_graph`` and attach weight and activation quantizers at ``sites``.
+
+    ``fuse_activations`` lets activation quantizers absorb the Relu/Relu6 that produces their
+    tensor (module docstring); the outputs and gradients are the same either way.
+    """
     gm = copy.deepcopy(float_graph)
     init_names = {t.name for t in model.graph.initializer}
     graph_inputs = [i.name for i in model.graph.input if i.name not in init_names]
     layers: dict[str, QuantWeightLayer] = {}
     for site in sites:
         module = gm.get_submodule(site.module)
+        mapping = getattr(module, "onnx_mapping", None)
         matmul_weight = None
         if site.op == "MatMul":
             node = next(n for n in gm.graph.nodes
@@ -135,6 +183,8 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
         reduce_dims = [d for d in range(weight.dim()) if d != axis]
         wq.init_alpha(weight.detach().abs().amax(dim=reduce_dims))
         layer = QuantWeightLayer(site, module, wq, matmul_weight)
+        if mapping is not None:
+            layer.onnx_mapping = mapping   # the layer's output stays findable by ONNX name
         gm.set_submodule(site.module, layer)
         layers[site.node] = layer
     acts: dict[str, BitQuantizer] = {}
@@ -153,7 +203,10 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
             gm.add_submodule(name, quantizer)
             with gm.graph.inserting_after(producer):
                 new = gm.graph.call_module(name, (producer,))
-            producer.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            producer.replace_all_uses_with(
+                new, delete_user_cb=lambda user, new=new: user is not new and user.op != "output")
+            if fuse_activations:
+                _fuse_producer(gm, new, quantizer)
             acts[site.input] = quantizer
         layer_act[site.node] = site.input
     gm.graph.lint()
@@ -174,7 +227,8 @@ def calibrate(net: QuantizedNetwork, batches: list[Tensor]) -> None:
     """Initialise activation clip values from float statistics and count MACs per sample.
 
     For each activation tensor, ``alpha`` = mean over batches of the batch maximum of ``x``
-    (unsigned) or ``|x|`` (signed), measured with every quantizer disabled.
+    (unsigned) or ``|x|`` (signed), measured with every quantizer disabled; ``x`` is the tensor
+    the quantizer quantizes (after a fused Relu/Relu6: ``BitQuantizer.quantized_input``).
     """
     quantizers = net.quantizers()
     for q in quantizers:
@@ -182,9 +236,9 @@ def calibrate(net: QuantizedNetwork, batches: list[Tensor]) -> None:
     stats: dict[str, list[Tensor]] = {t: [] for t in net.acts}
     hooks = []
     for tensor, q in net.acts.items():
-        def record(module: nn.Module, inputs: tuple[Tensor, ...], tensor: str = tensor) -> None:
-            x = inputs[0]
-            stats[tensor].append(x.detach().amax() if not module.signed else x.detach().abs().amax())
+        def record(module: BitQuantizer, inputs: tuple[Tensor, ...], tensor: str = tensor) -> None:
+            x = module.quantized_input(inputs[0]).detach()
+            stats[tensor].append(x.abs().amax() if module.signed else x.amax())
         hooks.append(q.register_forward_pre_hook(record))
     for layer in net.layers.values():
         def count(module: QuantWeightLayer, inputs: tuple[Tensor, ...], out: Tensor) -> None:
@@ -204,6 +258,21 @@ def calibrate(net: QuantizedNetwork, batches: list[Tensor]) -> None:
     for tensor, q in net.acts.items():
         if stats[tensor]:
             q.init_alpha(torch.stack(stats[tensor]).mean())
+
+
+def pin_end_layers(net: QuantizedNetwork, bits: int) -> list[str]:
+    """Freeze the first and the last layer (weights and input activation) at ``bits``.
+
+    Frozen quantizers keep their bits through the freeze, budget shifts and nudges. Returns the
+    pinned site nodes.
+    """
+    ends = list(dict.fromkeys([net.sites[0].node, net.sites[-1].node]))
+    for node in ends:
+        net.layers[node].wq.freeze(torch.tensor(float(bits)))
+        tensor = net.layer_act.get(node)
+        if tensor in net.acts:
+            net.acts[tensor].freeze(torch.tensor(float(bits)))
+    return ends
 
 
 def layer_bits(net: QuantizedNetwork) -> list[LayerBits]:

@@ -10,6 +10,13 @@ The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || sof
 (no labels needed), or cross-entropy with labels. Logits shaped ``(N, C, 1, 1)`` are read as
 ``(N, C)``.
 
+The network may sit on any device: batches and teacher logits go to the device of its parameters,
+and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
+scaler); the losses are computed in float32. With a
+:class:`onnxbits.distributed.DistContext` of several processes, each process computes its shard of
+the global batch and the gradients are combined as :mod:`onnxbits.distributed` states, so that the
+run follows the single-process run; only rank 0 writes checkpoints.
+
 With a :class:`onnxbits.checkpoint.CheckpointSpec` the loop saves its state every N steps, at the
 end and on Ctrl-C (deferred to the end of the step), and a resumed run continues bit for bit as
 the uninterrupted run would have. Apart from those checkpoints, no I/O and no printing happen here.
@@ -18,7 +25,7 @@ the uninterrupted run would have. Apart from those checkpoints, no I/O and no pr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,8 +36,14 @@ from torch import Tensor
 
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
+from onnxbits.device import autocast
+from onnxbits.distributed import DistContext, any_rank, average_gradients, broadcast_, shard
 from onnxbits.errors import ConfigError
 from onnxbits.insert import QuantizedNetwork, layer_bits
+from onnxbits.sampler import BatchSampler, batch_indices
+
+__all__ = ["BatchSampler", "StepRecord", "TrainConfig", "batch_indices", "fine_tune",
+           "freeze_all", "task_loss"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class TrainConfig:
     loss: str = "kd"                     # kd | ce | kd+ce
     temperature: float = 1.0
     seed: int = 0
+    amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
     def learn_steps(self) -> int:
         """Steps of the learning phase."""
@@ -75,44 +89,6 @@ class StepRecord:
     def to_dict(self) -> dict[str, float | int | str]:
         """The record as a plain dict (JSON, checkpoints)."""
         return asdict(self)
-
-
-class BatchSampler(Iterator[np.ndarray]):
-    """Endless shuffled mini-batches of ``range(n)``: a new seeded permutation each epoch, cut
-    into ``min(batch_size, n)``-sized batches (a short remainder is dropped).
-
-    Its state (the generator's state, the current permutation and the position in it) can be
-    saved and restored, so a resumed run draws the same batches.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.size = n, min(batch_size, n)
-        self.rng = np.random.default_rng(seed)
-        self.order: np.ndarray = np.empty(0, dtype=np.int64)
-        self.position = 0
-
-    def __next__(self) -> np.ndarray:
-        if self.position + self.size > len(self.order):
-            self.order, self.position = self.rng.permutation(self.n), 0
-        batch = self.order[self.position:self.position + self.size]
-        self.position += self.size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-Python state for a checkpoint."""
-        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(),
-                "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`."""
-        self.rng.bit_generator.state = state["rng"]
-        self.order = np.asarray(state["order"], dtype=np.int64)
-        self.position = int(state["position"])
-
-
-def batch_indices(n: int, batch_size: int, seed: int) -> BatchSampler:
-    """Endless shuffled mini-batches of ``range(n)`` (a new seeded permutation each epoch)."""
-    return BatchSampler(n, batch_size, seed)
 
 
 def task_loss(student: Tensor, teacher: Tensor | None, labels: Tensor | None, kind: str,
@@ -161,7 +137,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
               on_step: Callable[[StepRecord], None] | None = None,
               lam_schedule: Callable[[int, float, float], float] | None = None,
               freeze: Callable[[QuantizedNetwork], object] | None = None,
-              checkpoint: CheckpointSpec | None = None) -> list[StepRecord]:
+              checkpoint: CheckpointSpec | None = None,
+              dist: DistContext | None = None) -> list[StepRecord]:
     """Run both phases; ``fetch(indices) -> (inputs, labels or None)``.
 
     ``lam_schedule(step, lam, cost) -> lam`` may adapt lambda during the learning phase;
@@ -169,13 +146,20 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     ``checkpoint``, the state is saved every ``checkpoint.every`` steps, at the end, and when a
     KeyboardInterrupt arrives (from Ctrl-C or raised by ``on_step``), which is then re-raised;
     ``checkpoint.resume`` continues from the saved state (and returns the whole history).
+    With ``dist`` (several processes) every process must call this with the same arguments;
+    ``fetch`` receives the process's shard of each global batch.
     """
-    freeze = freeze or freeze_all
+    freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
-    run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed))
+    run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), dist)
     if checkpoint is not None and checkpoint.resume:
         _restore(run, checkpoint)
+    if run.dist.active:
+        broadcast_([*net.graph.parameters(), *net.graph.buffers()])
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(run.device)
     learn = cfg.learn_steps()
+    save = checkpoint if run.dist.is_main else None    # only rank 0 writes checkpoints
     net.graph.eval()
     with deferred_interrupt(enabled=checkpoint is not None) as guard:
         for step in range(run.step, cfg.steps):
@@ -190,19 +174,36 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
             try:
                 if on_step is not None:
                     on_step(record)
-                if guard.requested:
+                if (any_rank(guard.requested, run.dist) if checkpoint is not None
+                        else guard.requested):
                     raise KeyboardInterrupt
             except KeyboardInterrupt:
-                if checkpoint is not None:
-                    save_checkpoint(checkpoint, run.state())
+                if save is not None:
+                    save_checkpoint(save, run.state())
                 raise
-            if checkpoint is not None and checkpoint.due(run.step):
-                save_checkpoint(checkpoint, run.state())
+            if save is not None and save.due(run.step):
+                save_checkpoint(save, run.state())
     if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, run.state())
+    if save is not None:
+        save_checkpoint(save, run.state())
     return run.history
+
+
+def _synced_freeze(freeze: Callable[[QuantizedNetwork], object],
+                   dist: DistContext | None) -> Callable[[QuantizedNetwork], object]:
+    """``freeze``, followed with several processes by copying rank 0's frozen bits to all."""
+    if dist is None or not dist.active:
+        return freeze
+
+    def run(net: QuantizedNetwork) -> None:
+        freeze(net)
+        broadcast_([q.frozen_bits for q in net.quantizers()])
+    return run
+
+
+def _device(net: QuantizedNetwork) -> torch.device:
+    return next(iter(net.graph.parameters())).device
 
 
 def _restore(run: _Run, checkpoint: CheckpointSpec) -> None:
@@ -227,10 +228,14 @@ def _restore(run: _Run, checkpoint: CheckpointSpec) -> None:
 class _Run:
     """The mutable state of one fine-tune: what a checkpoint saves and restores."""
 
-    def __init__(self, net: QuantizedNetwork, cfg: TrainConfig, batches: BatchSampler) -> None:
+    def __init__(self, net: QuantizedNetwork, cfg: TrainConfig, batches: BatchSampler,
+                 dist: DistContext | None = None) -> None:
         self.net, self.cfg, self.batches = net, cfg, batches
+        self.device = _device(net)
+        self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
         self.history: list[StepRecord] = []
+        self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
 
     def new_optimizer(self, bits: bool) -> None:
@@ -245,7 +250,8 @@ class _Run:
                 "graph": self.net.graph.state_dict(), "quantizers": quantizers,
                 "optimizer": self.opt.state_dict(), "opt_bits": self.opt_bits,
                 "base_lrs": self.base_lrs, "sampler": self.batches.state_dict(),
-                "torch_rng": torch.get_rng_state(), "train_config": asdict(self.cfg)}
+                "torch_rng": torch.get_rng_state(), "train_config": asdict(self.cfg),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.net.graph.load_state_dict(state["graph"])
@@ -257,6 +263,8 @@ class _Run:
         self.base_lrs = list(state["base_lrs"])
         self.batches.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.lam = int(state["step"]), float(state["lam"])
         self.history = [StepRecord(**r) for r in state["history"]]
 
@@ -272,10 +280,16 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         for group, base in zip(opt.param_groups, run.base_lrs, strict=True):
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * progress))
     idx = next(run.batches)
-    x, labels = fetch(idx)
-    teacher = teacher_logits[idx] if teacher_logits is not None else None
-    out = net(x)
-    task = task_loss(out, teacher, labels, cfg.loss, cfg.temperature)
+    part = shard(idx, run.dist.rank, run.dist.world) if run.dist.active else idx
+    x, labels = fetch(part)
+    x = x.to(run.device, non_blocking=True)
+    labels = labels.to(run.device) if labels is not None else None
+    teacher = None
+    if teacher_logits is not None:
+        teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
+    with autocast(run.device, cfg.amp):
+        out = net(x)
+    task = task_loss(out.float(), teacher, labels, cfg.loss, cfg.temperature)
     layers = layer_bits(net)
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()
@@ -284,11 +298,21 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         cost = bit_cost(cfg.objective, layers)
         loss = task + run.lam * cost
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    task_value = task.detach()
+    if run.dist.active:   # the global batch's task loss and gradients (onnxbits.distributed)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        task_value = average_gradients(params, len(part) / len(idx), extra=task_value)
+    if run.scaler is not None:
+        run.scaler.step(opt)
+        run.scaler.update()
+    else:
+        opt.step()
     if not frozen:
         for q in net.quantizers():
             q.clamp_bits()
-    return StepRecord(step, "frozen" if frozen else "learn", float(loss.detach()),
-                      float(task.detach()), float(cost.detach()),
-                      float(average_bits(layers).detach()), run.lam)
+    cost = cost.detach()
+    loss_value = task_value if frozen else task_value + run.lam * cost
+    values = torch.stack([loss_value, task_value, cost, average_bits(layers).detach()]).tolist()
+    return StepRecord(step, "frozen" if frozen else "learn", loss=values[0], task=values[1],
+                      cost=values[2], avg_bits=values[3], lam=run.lam)

@@ -6,9 +6,12 @@ batch ``N`` and one output ``logits``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 OPSET = 13
 
@@ -139,13 +142,41 @@ def shared_weight(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
     return b.model(["N", 3, 8, 8], "logits", ["N", classes])
 
 
+def linear_bottleneck(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """MobileNetV2-style: Conv -> Clip(0, 6) -> 1x1 project Conv (no activation) -> 1x1 expand
+    Conv -> Clip(0, 6) -> depthwise Conv -> Relu -> GAP -> Flatten -> Gemm."""
+    b = _Builder(seed)
+    lo = b.init("clip.min", np.array(0.0, np.float32))
+    hi = b.init("clip.max", np.array(6.0, np.float32))
+    x = b.node("Clip", [b.conv("input", 3, 8, name="stem"), lo, hi], name="stem_relu6")
+    x = b.conv(x, 8, 4, k=1, name="project")
+    x = b.node("Clip", [b.conv(x, 4, 12, k=1, name="expand"), lo, hi], name="expand_relu6")
+    x = b.node("Relu", [b.conv(x, 12, 12, group=12, name="dwconv")], name="dw_relu")
+    x = b.node("GlobalAveragePool", [x], name="gap")
+    x = b.node("Flatten", [x], name="flatten", axis=1)
+    b.gemm(x, 12, classes, name="fc")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes])
+
+
 ALL_BUILDERS = {
     "conv_relu_gemm": conv_relu_gemm,
     "residual_block": residual_block,
     "batchnorm_model": batchnorm_model,
     "matmul_mlp": matmul_mlp,
     "shared_weight": shared_weight,
+    "linear_bottleneck": linear_bottleneck,
 }
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 12, side: int = 8) -> Path:
+    """Class folders ``0..classes-1`` of random (seeded) ``side`` x ``side`` RGB PNGs."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
+    return root
 
 
 def save(model: onnx.ModelProto, path: str) -> str:

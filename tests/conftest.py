@@ -7,13 +7,17 @@ goes from microseconds to milliseconds).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
+from onnxbits.importer import convert, find_sites
+from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.normalize import normalize
 
 torch.set_num_threads(1)
 
@@ -24,6 +28,13 @@ LEVELS = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_denormals() -> Iterator[None]:
+    """Keep later tests independent of the float state, whatever a failing shrink left."""
+    yield
+    torch.set_flush_denormal(False)
 
 
 def ort_session(model: onnx.ModelProto, level: str = "none") -> ort.InferenceSession:
@@ -65,3 +76,18 @@ def run_ort() -> Callable[..., np.ndarray]:
 def make_input() -> Callable[..., torch.Tensor]:
     """``make_input(model, batch, seed=0)``: a seeded standard-normal input tensor."""
     return random_input
+
+
+def calibrated_network(model: onnx.ModelProto, batch: int = 64
+                       ) -> tuple[QuantizedNetwork, torch.Tensor, torch.Tensor]:
+    """``model`` normalised, imported and quantized, calibrated on a seeded input of ``batch``
+    samples: ``(net, x, teacher logits of the float graph)``."""
+    torch.manual_seed(0)
+    model = normalize(model)
+    graph = convert(model)
+    net = attach_quantizers(model, graph, find_sites(model, graph))
+    x = random_input(model, batch)
+    with torch.no_grad():
+        teacher = graph(x)
+    calibrate(net, [x[: batch // 2], x[batch // 2:]])
+    return net, x, teacher

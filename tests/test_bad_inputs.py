@@ -1,4 +1,4 @@
-"""The bad-input catalog of issue 6, the cases tests/test_cli_shrink.py does not already cover.
+"""The bad-input catalog: the cases tests/test_cli_shrink.py does not already cover.
 
 Every case runs ``onnxbits shrink`` through CliRunner and checks the exit code (2 for usage, 1 for
 runtime errors), one ``Error:`` line on stderr that names the problem and the fix, no traceback
@@ -9,37 +9,25 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from onnx import numpy_helper
-
 from onnxbits.cli.main import main
-from onnxbits.config import ShrinkConfig
-from tests.builders import conv_relu_gemm, matmul_mlp
-from tests.test_cli_shrink import assert_clean_failure, error_line, files_under, image_folder
+
+from tests.builders import conv_relu_gemm, image_folder, matmul_mlp
+from tests.test_cli_shrink import assert_clean_failure, error_line, files_under, shrink
 from tests.test_model_coverage import gru_model
 
 FAST = ("--steps", "4", "--batch-size", "8", "--threads", "1", "-q")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-NEEDS_PATCH = "needs the pipeline/CLI patch of issue 6 (see the report): "
-#: The patch adds these options; until it is applied the cases that need it are strict xfails.
-PATCHED = "resume" in ShrinkConfig.__dataclass_fields__
 
 
-@pytest.fixture(autouse=True)
-def _restore_denormals() -> Iterator[None]:
-    yield
-    torch.set_flush_denormal(False)
 
 
-def shrink(*args: object) -> Result:
-    return CliRunner().invoke(main, ["shrink", *[str(a) for a in args]])
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +106,6 @@ def gemm_with_2d_bias(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH + "--no-skip-unsupported")
 def test_layer_that_cannot_be_quantized_is_an_error_without_skip(ws: Path,
                                                                  tmp_path: Path) -> None:
     model = gemm_with_2d_bias(tmp_path / "gemm2d.onnx")
@@ -127,7 +114,6 @@ def test_layer_that_cannot_be_quantized_is_an_error_without_skip(ws: Path,
               "--no-skip-unsupported")
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH + "warnings printed by the CLI")
 def test_layer_that_cannot_be_quantized_stays_in_float_with_a_warning(ws: Path,
                                                                       tmp_path: Path) -> None:
     model = gemm_with_2d_bias(tmp_path / "gemm2d.onnx")
@@ -169,7 +155,6 @@ def test_too_many_unreadable_images_fail(ws: Path, tmp_path: Path) -> None:
               "--data", data)
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH + "the skipped-image warning")
 def test_a_few_unreadable_images_are_skipped_with_a_warning(ws: Path, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "imgs", per_class=12)
     corrupt(data, ["0/0.png", "2/5.png"])                       # 2 of 36 <= 10 %
@@ -235,9 +220,6 @@ def test_output_folder_not_writable(ws: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
-@pytest.mark.xfail(not PATCHED, strict=True,
-                   reason=NEEDS_PATCH + "check_output_path probes writability (os.access says "
-                   "yes to root); today it fails with exit 1 after training")
 def test_output_folder_that_nobody_can_write(ws: Path, tmp_path: Path) -> None:
     run_fails(ws, tmp_path, 2, r"output folder /proc is not writable .*change -o/--output",
               ws / "model.onnx", "--data", ws / "data", "-o", "/proc/out.onnx")
@@ -263,21 +245,16 @@ def test_impossible_options_exit_2(ws: Path, tmp_path: Path, args: tuple[str, ..
     run_fails(ws, tmp_path, 2, pattern, ws / "model.onnx", "--data", ws / "data", *args)
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH + "--checkpoint-every")
 def test_negative_checkpoint_interval(ws: Path, tmp_path: Path) -> None:
     run_fails(ws, tmp_path, 2, r"--checkpoint-every must be >= 0", ws / "model.onnx", "--data",
               ws / "data", "--checkpoint-every", "-1")
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH + "--resume")
 def test_resume_without_a_checkpoint(ws: Path, tmp_path: Path) -> None:
     run_fails(ws, tmp_path, 2, r"--resume: no checkpoint .*out\.ckpt to resume from; run without "
                                r"--resume", ws / "model.onnx", "--data", ws / "data", "--resume")
 
 
-@pytest.mark.xfail(not PATCHED, strict=True,
-                   reason=NEEDS_PATCH + "the fixed-batch check (today an internal ONNX Runtime "
-                   "error)")
 def test_fixed_batch_model_with_another_batch_size(ws: Path, tmp_path: Path) -> None:
     model = conv_relu_gemm(classes=3)
     for value in [*model.graph.input, *model.graph.output]:

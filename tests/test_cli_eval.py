@@ -6,30 +6,20 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
 from onnxbits.cli.eval import eval_command, evenly_spaced
 from onnxbits.cli.options import preprocess_from_options, preprocess_options
+from PIL import Image
+
 from onnxbits.data import PRESETS, decode_images, load_image_set
 from onnxbits.evaluate import evaluate_model
-from tests.builders import conv_relu_gemm
+from tests.builders import conv_relu_gemm, image_folder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def image_folder(root: Path, per_class: int = 3, classes: int = 10, side: int = 8) -> Path:
-    """Write ``classes`` folders ``0..classes-1`` of random ``side`` x ``side`` PNGs."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
-    return root
 
 
 @pytest.fixture
@@ -44,7 +34,7 @@ def run(*args: object) -> click.testing.Result:
 
 
 def test_json_output_matches_library(tmp_path: Path, model_path: Path) -> None:
-    data = image_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data", classes=10, per_class=3)
     result = run(model_path, "--data", data, "--preset", "cifar10", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -57,7 +47,7 @@ def test_json_output_matches_library(tmp_path: Path, model_path: Path) -> None:
 
 
 def test_human_output(tmp_path: Path, model_path: Path) -> None:
-    data = image_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data", classes=10, per_class=3)
     result = run(model_path, "--data", data, "--mean", "0.5", "--std", "0.25,0.25,0.25",
                  "--scale", 0.00392156862745098, "--batch-size", 4, "--threads", 1, "--quiet")
     assert result.exit_code == 0, result.output
@@ -65,8 +55,8 @@ def test_human_output(tmp_path: Path, model_path: Path) -> None:
 
 
 def test_train_val_uses_val(tmp_path: Path, model_path: Path) -> None:
-    image_folder(tmp_path / "data" / "train", per_class=2)
-    image_folder(tmp_path / "data" / "val", per_class=1)
+    image_folder(tmp_path / "data" / "train", classes=10, per_class=2)
+    image_folder(tmp_path / "data" / "val", classes=10, per_class=1)
     result = run(model_path, "--data", tmp_path / "data", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -74,7 +64,7 @@ def test_train_val_uses_val(tmp_path: Path, model_path: Path) -> None:
 
 
 def test_limit(tmp_path: Path, model_path: Path) -> None:
-    data = image_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data", classes=10, per_class=3)
     record = json.loads(run(model_path, "--data", data, "--limit", 5, "--json").stdout)
     assert record["n"] == 5
     assert evenly_spaced(10, 4).tolist() == [0, 2, 5, 7]
@@ -91,7 +81,7 @@ def test_flat_folder_needs_labels(tmp_path: Path, model_path: Path) -> None:
 
 
 def test_shape_mismatch_one_line(tmp_path: Path, model_path: Path) -> None:
-    data = image_folder(tmp_path / "data", classes=2)
+    data = image_folder(tmp_path / "data", classes=2, per_class=3)
     result = run(model_path, "--data", data, "--resize", 16, "--crop", 16)
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -14,23 +13,14 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from onnxbits.cli.main import main
 from PIL import Image
 
-from onnxbits.cli.main import main
-from tests.builders import _Builder, conv_relu_gemm
+from tests.builders import _Builder, conv_relu_gemm, image_folder
 
 FAST = ("--steps", "6", "--batch-size", "8", "--threads", "1", "-q")
 
 
-def image_folder(root: Path, classes: int = 3, per_class: int = 12, side: int = 8) -> Path:
-    """Class folders ``0..classes-1`` of random ``side`` x ``side`` RGB PNGs."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
-    return root
 
 
 def flat_folder(root: Path, count: int = 10) -> Path:
@@ -49,11 +39,6 @@ def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.fixture(autouse=True)
-def _restore_denormals() -> Iterator[None]:
-    """Keep later tests independent of the float state, whatever a failing shrink left."""
-    yield
-    torch.set_flush_denormal(False)
 
 
 def shrink(*args: object) -> Result:
@@ -168,8 +153,10 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--frozen-steps", "50"), r"--frozen-steps must be between 0 and --steps"),
     (("--preset", "nope"), r"Invalid value for '--preset'"),
     (("--objective", "latency"), r"Invalid value for '--objective'"),
+    (("--alpha-lr", "-1"), r"--alpha-lr must be >= 0"),
+    (("--bit-rounding", "floor"), r"Invalid value for '--bit-rounding'"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
-        "unknown-preset", "unknown-objective"])
+        "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -317,3 +304,17 @@ def test_every_option_of_every_command_has_help() -> None:
     assert not missing
     for name, command in main.commands.items():
         assert (command.help or "").strip(), name
+
+
+def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--pin-ends", "--bit-rounding", "ste", "--alpha-lr", "0",
+                    "--target-bits", "5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    config = report["config"]
+    assert (config["pin_ends"], config["bit_rounding"], config["alpha_lr"]) == (True, "ste", 0.0)
+    layers = report["layers"]
+    for end in (layers[0], layers[-1]):
+        assert (end["weight_bits"], end["act_bits"]) == (8, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -199,3 +200,27 @@ def test_unsupported_op_names_op_opset_and_node(op: str, domain: str, message: s
 def test_unsupported_op_message_names_the_source() -> None:
     with pytest.raises(UnsupportedOpError, match=r"^tiny\.onnx: .*replace the op"):
         convert(single_op_model("Det"), "tiny.onnx")
+
+
+@pytest.mark.parametrize("starts, ends, axes, steps", [
+    ([0, 0], [100, 100], [2, 3], [2, 2]),      # the CIFAR ResNet "option A" shortcut
+    ([1], [-1], [1], [1]),
+    ([-1], [-100], [2], [-1]),                  # reversed axis
+    ([0, 1], [3, 9], [0, 1], None),
+])
+def test_constant_slice_matches_onnxruntime_without_warnings(
+        starts: list[int], ends: list[int], axes: list[int], steps: list[int] | None,
+        run_ort: RunOrt) -> None:
+    values = {"starts": starts, "ends": ends, "axes": axes, "steps": steps}
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), k)
+             for k, v in values.items() if v is not None]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x"] + [t.name for t in inits], ["y"], name="slice")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.random.default_rng(0).random((2, 4, 6, 6), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = convert(model)(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, run_ort(model, x))

@@ -8,6 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from onnxbits.quant.fakequant import frozen_quant, learned_quant
+from onnxbits.quant.ste import round_ste_quant
+
+ROUNDINGS = ("interp", "ste")
 
 
 def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
@@ -32,13 +35,19 @@ class BitQuantizer(nn.Module):
     absorb the Relu ``(0, None)`` or Relu6 ``(0, 6)`` that produces its input:
     ``forward(x) = Q(clamp(x, lo, hi), n)`` with the gradients of the two ops in a row, computed
     in one kernel without storing the clamped tensor (see :meth:`quantized_input`).
+    ``rounding="ste"`` replaces the floor/ceil interpolation of the learning phase by a
+    round-STE bitlength (:mod:`onnxbits.quant.ste`; an ablation, slower).
     """
 
     def __init__(self, *, signed: bool, narrow: bool = False, num_channels: int = 1,
                  channel_axis: int = 0, per_channel_bits: bool = False, min_bits: int = 2,
                  max_bits: int = 8, init_bits: float | None = None,
-                 input_clamp: tuple[float | None, float | None] | None = None) -> None:
+                 input_clamp: tuple[float | None, float | None] | None = None,
+                 rounding: str = "interp") -> None:
         super().__init__()
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        self.rounding = rounding
         if not 1 <= min_bits <= max_bits <= 16:
             raise ValueError(f"need 1 <= min_bits <= max_bits <= 16, got {min_bits}, {max_bits}")
         self.signed = signed
@@ -122,6 +131,9 @@ class BitQuantizer(nn.Module):
         if self.frozen or self.exec_bits is not None:
             return frozen_quant(x, self.log_alpha, self._forward_bits(), axis, self.signed,
                                 self.narrow, self.input_clamp)
+        if self.rounding == "ste":
+            return round_ste_quant(self.quantized_input(x), self.log_alpha, self.bits, axis,
+                                   self.min_bits, self.max_bits, self.signed, self.narrow)
         return learned_quant(x, self.log_alpha, self.bits, axis, self.min_bits, self.max_bits,
                              self.signed, self.narrow, self.input_clamp)
 

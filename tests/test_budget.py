@@ -1,0 +1,102 @@
+"""Budget mode: the lambda controller, the shift onto the ramp, and landing on the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onnxbits.budget import LambdaController, freeze_to_budget, shift_onto_budget
+from onnxbits.cost import bit_cost
+from onnxbits.insert import (
+    QuantizedNetwork,
+    layer_bits,
+    pin_end_layers,
+)
+from onnxbits.train import TrainConfig, fine_tune
+from tests.builders import residual_block
+from tests.conftest import calibrated_network
+
+
+def _net() -> tuple[QuantizedNetwork, torch.Tensor, torch.Tensor]:
+    return calibrated_network(residual_block())
+
+
+def _cost(net: QuantizedNetwork, objective: str) -> float:
+    with torch.no_grad():
+        return float(bit_cost(objective, layer_bits(net)))
+
+
+def _spread(net: QuantizedNetwork) -> None:
+    with torch.no_grad():
+        for i, q in enumerate(net.quantizers()):
+            q.bits.fill_(4.0 + 0.37 * (i % 5))
+
+
+@pytest.mark.parametrize("objective", ["bits", "memory", "bops"])
+def test_shift_lands_on_the_budget_and_keeps_the_differences(objective: str) -> None:
+    net, _, _ = _net()
+    _spread(net)
+    before = [q.bits.detach().clone() for q in net.quantizers()]
+    budget = _cost(net, objective) * 0.8
+    s = shift_onto_budget(net, objective, budget)
+    assert _cost(net, objective) == pytest.approx(budget, rel=1e-6)
+    assert s > 0
+    for q, b in zip(net.quantizers(), before):
+        assert torch.allclose(q.bits.detach(), (b - s).clamp(q.min_bits, q.max_bits), atol=1e-6)
+
+
+def test_shift_stops_at_the_bit_range_when_the_budget_is_out_of_reach() -> None:
+    net, _, _ = _net()
+    _spread(net)
+    shift_onto_budget(net, "bits", 0.5)
+    assert all(float(q.bits.detach().min()) == q.min_bits for q in net.quantizers())
+    shift_onto_budget(net, "bits", 100.0)
+    assert all(float(q.bits.detach().max()) == q.max_bits for q in net.quantizers())
+
+
+def test_shift_leaves_frozen_quantizers_alone() -> None:
+    net, _, _ = _net()
+    _spread(net)
+    frozen = net.quantizers()[0]
+    frozen.freeze()
+    kept = frozen.frozen_bits.clone()
+    shift_onto_budget(net, "bits", 3.0)
+    assert torch.equal(frozen.frozen_bits, kept)
+    assert _cost(net, "bits") == pytest.approx(3.0, rel=1e-6)
+
+
+def test_controller_raises_lambda_above_the_ramp_and_lowers_it_below() -> None:
+    ctl = LambdaController(target=4.0, start=8.0, learn_steps=100)
+    assert ctl.budget_at(59) == pytest.approx(4.0)
+    assert ctl(0, 0.1, ctl.budget_at(0) + 1.0) > 0.1
+    assert ctl(0, 0.1, ctl.budget_at(0) - 1.0) < 0.1
+
+
+def test_budget_run_follows_the_ramp_and_freezes_onto_the_target() -> None:
+    net, x, teacher = _net()
+    cfg = TrainConfig(steps=40, frozen_steps=10, batch_size=16, lam=0.05)
+    start = _cost(net, "bits")
+    ctl = LambdaController(4.0, start, cfg.learn_steps(), net=net, objective="bits")
+    moved: list[str] = []
+    history = fine_tune(net, lambda idx: (x[idx], None), teacher, len(x), cfg, lam_schedule=ctl,
+                        freeze=lambda n: moved.extend(freeze_to_budget(n, "bits", 4.0)))
+    learn = cfg.learn_steps()
+    # each step starts from the ramp value the previous step was shifted onto
+    for step in range(1, learn):
+        assert history[step].cost == pytest.approx(ctl.budget_at(step - 1), abs=1e-4)
+    assert all(q.frozen for q in net.quantizers())
+    assert abs(_cost(net, "bits") - 4.0) <= 0.1
+
+
+def test_pinned_end_layers_keep_max_bits_through_a_budget_run() -> None:
+    net, x, teacher = _net()
+    ends = pin_end_layers(net, 8)
+    assert ends == [net.sites[0].node, net.sites[-1].node]
+    cfg = TrainConfig(steps=30, frozen_steps=10, batch_size=16, lam=0.05)
+    ctl = LambdaController(5.5, _cost(net, "bits"), cfg.learn_steps(), net=net, objective="bits")
+    fine_tune(net, lambda idx: (x[idx], None), teacher, len(x), cfg, lam_schedule=ctl,
+              freeze=lambda n: freeze_to_budget(n, "bits", 5.5))
+    for node in ends:
+        assert float(net.layers[node].wq.frozen_bits) == 8
+        assert float(net.acts[net.layer_act[node]].frozen_bits) == 8
+    assert abs(_cost(net, "bits") - 5.5) <= 0.1
