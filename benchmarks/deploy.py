@@ -3,14 +3,17 @@
 Usage::
 
     python benchmarks/deploy.py MODEL --data DIR --preset P [--steps 60] [--batch-size 32]
-        [--lambda 0.05] [--max-train-images 2000] [--max-eval-images 2000] [--runs 30]
-        [--threads 2] [--batches 1,16] [--save-dir DIR] [--json OUT.json]
+        [--lambda 0.05] [--fixed-bits W,A] [--max-train-images 2000] [--max-eval-images 2000]
+        [--runs 30] [--threads 2] [--batches 1,16] [--save-dir DIR] [--json OUT.json]
 
 ``MODEL`` is an ``.onnx`` path or a name in ``../shared/models``. In one process:
 
 1. a short shrink (same steps as ``onnxbits shrink``: normalise, import, attach quantizers,
    :func:`onnxbits.deploy.prepare_ort`, calibrate, fine-tune, :func:`limit_clip_alphas`) on
-   the fine-tune split, a seeded held-out split (or DIR/val) being the measure split;
+   the fine-tune split, a seeded held-out split (or DIR/val) being the measure split.
+   ``--fixed-bits W,A`` freezes every weight at W bits and every layer input at A bits after
+   calibration instead of learning them (``--steps`` then fine-tunes at those bits; 0 skips it):
+   a quick way to size and time the targets, not an accuracy result;
 2. emit ``ort``, ``exact-sim`` and ``pack`` and check each against the torch model
    (:func:`onnxbits.verify.verify`: largest difference in quantization steps);
 3. ``onnxruntime.quantization.quantize_static`` int8 QDQ of the float model (per-channel
@@ -22,7 +25,9 @@ Usage::
    ``--threads`` intra-op threads (thread-pool spinning off) at each batch size: ``--warmup``
    runs, then ``--runs`` rounds that run every model once in a random order, so that load on a
    shared machine hits them alike; the median (and the minimum, in the JSON) is reported, and
-   the ratio to the faster quantize_static model.
+   the ratio to the faster quantize_static model: of the medians, and ``paired``, the median
+   over rounds of the ratio within a round (robust to load that changes between rounds);
+5. the ``pack`` size check (:func:`pack_size_check`).
 
 Prints a table and writes JSON (``--json``). Timings on a shared machine are noisy: compare
 ratios measured side by side in one run.
@@ -53,14 +58,15 @@ from onnxbits.data import ImageTensors, resolve_preprocess  # noqa: E402
 from onnxbits.deploy import limit_clip_alphas, prepare_ort  # noqa: E402
 from onnxbits.emit import emit  # noqa: E402
 from onnxbits.evaluate import make_session, predict_logits, topk_accuracy  # noqa: E402
-from onnxbits.fusion import count_fusion, optimized_model  # noqa: E402
+from onnxbits.ortgraph import count_fusion, optimized_model  # noqa: E402
 from onnxbits.importer import convert, find_sites  # noqa: E402
 from onnxbits.insert import attach_quantizers, calibrate  # noqa: E402
 from onnxbits.io import load_model  # noqa: E402
 from onnxbits.normalize import normalize  # noqa: E402
-from onnxbits.pack import graph_view  # noqa: E402
-from onnxbits.pipeline import load_splits, torch_logits  # noqa: E402
+from onnxbits.pack import weight_storage  # noqa: E402
 from onnxbits.report import analyze_model  # noqa: E402
+from onnxbits.run_inputs import load_splits  # noqa: E402
+from onnxbits.run_report import torch_logits  # noqa: E402
 from onnxbits.train import TrainConfig, fine_tune  # noqa: E402
 from onnxbits.verify import verify  # noqa: E402
 
@@ -132,28 +138,41 @@ def latency(models: dict[str, bytes], x: np.ndarray, threads: int, warmup: int,
     return times
 
 
-def pack_size_check(packed: onnx.ModelProto, ort_model: onnx.ModelProto) -> dict[str, Any]:
-    """Stored bytes of the layers at <= 4 bits vs 1.1 x (learned bits / 32) x float bytes."""
-    meta = json.loads(next(p.value for p in packed.metadata_props if p.key == "onnxbits"))
-    inits = {t.name: t for t in packed.graph.initializer}
-    ort_inits = {t.name: t for t in ort_model.graph.initializer}
-    stored = bound = 0.0
-    worst = 0.0
-    for q_name, w in meta["pack"]["weights"].items():
-        bits = meta["layers"][w["layer"]]["weight_bits"]
-        if bits > 4:
-            continue
-        tensor = inits.get(q_name) if w["format"] in ("int4", "int2") else \
-            inits[f"onnxbits_unpack/{q_name}"]
-        size = len(tensor.raw_data)
-        params = math.prod(ort_inits[q_name].dims)
-        limit = 1.1 * bits / 32 * 4 * params
-        stored += size
-        bound += limit
-        worst = max(worst, size / limit)
-    return {"stored_bytes": int(stored), "bound_bytes": round(bound, 1),
-            "ratio_to_bound": round(stored / bound, 4) if bound else None,
-            "worst_layer_ratio_to_bound": round(worst, 4)}
+def pack_size_check(packed: onnx.ModelProto) -> dict[str, Any]:
+    """The issue's bound for the ``pack`` file, ``1.1 x (learned bits / 32) x float weight
+    bytes`` for the layers at <= 4 bits, read two ways:
+
+    * ``weights``: the bytes the file spends on those layers' weights (serialised integer
+      tensors, scales and zero points, :func:`onnxbits.pack.weight_storage`) over
+      ``sum params * bits / 8`` (= (bits / 32) x their float bytes); the bound is 1.1;
+    * ``file``: the whole file (graph, biases, activation scales, metadata included) over
+      ``sum params * bits / 8`` of every layer; the bound applies when every layer is at
+      <= 4 bits.
+    """
+    rows = weight_storage(packed)
+    low = [r for r in rows if r.bits <= 4]
+    learned_low = sum(r.learned_bytes for r in low)
+    learned_all = sum(r.learned_bytes for r in rows)
+    worst = max(low, key=lambda r: r.stored_bytes / r.learned_bytes, default=None)
+    return {"layers": len(rows), "layers_at_most_4_bits": len(low),
+            "weights_stored_bytes": sum(r.stored_bytes for r in low),
+            "weights_learned_bytes": round(learned_low, 1),
+            "weights_ratio": round(sum(r.stored_bytes for r in low) / learned_low, 4)
+            if learned_low else None,
+            "worst_layer": [worst.layer, round(worst.stored_bytes / worst.learned_bytes, 4)]
+            if worst else None,
+            "file_bytes": packed.ByteSize(), "all_learned_bytes": round(learned_all, 1),
+            "file_ratio": round(packed.ByteSize() / learned_all, 4) if learned_all else None}
+
+
+def fix_bits(net: Any, spec: str) -> None:
+    """``W,A``: freeze every weight quantizer at W bits and every unfrozen activation at A."""
+    w_bits, a_bits = (float(v) for v in spec.split(","))
+    for layer in net.layers.values():
+        layer.wq.freeze(torch.tensor(w_bits))
+    for q in net.acts.values():
+        if not q.frozen:
+            q.freeze(torch.tensor(a_bits))
 
 
 def shrink_and_emit(args: argparse.Namespace, path: Path, train: ImageTensors,
@@ -174,9 +193,13 @@ def shrink_and_emit(args: argparse.Namespace, path: Path, train: ImageTensors,
              for s in range(0, min(len(train), 4 * args.batch_size), args.batch_size)]
     calibrate(net, calib)
     start = time.perf_counter()
-    fine_tune(net, fetch, torch.from_numpy(teacher), len(train),
-              TrainConfig(steps=args.steps, batch_size=args.batch_size, lam=args.lam,
-                          objective=args.objective, seed=args.seed))
+    if args.fixed_bits:
+        fix_bits(net, args.fixed_bits)
+    if args.steps > 0:
+        fine_tune(net, fetch, torch.from_numpy(teacher), len(train),
+                  TrainConfig(steps=args.steps, batch_size=args.batch_size, lam=args.lam,
+                              objective=args.objective, seed=args.seed,
+                              frozen_steps=args.steps if args.fixed_bits else None))
     clipped = limit_clip_alphas(model, net)
     info: dict[str, Any] = {"shrink_seconds": round(time.perf_counter() - start, 1),
                             "prepared": {k: len(v) for k, v in prepared.items()},
@@ -213,10 +236,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("model")
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--preset", required=True)
+    parser.add_argument("--include", default=None, help="glob of fine-tune files in --data")
+    parser.add_argument("--eval-include", default=None, help="glob of measure files")
+    parser.add_argument("--eval-data", type=Path, default=None, help="separate measure set")
+    parser.add_argument("--classes", type=Path, default=None, help="class list (wnids.txt)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lambda", dest="lam", type=float, default=0.05)
     parser.add_argument("--objective", default="bits")
+    parser.add_argument("--fixed-bits", default=None, metavar="W,A",
+                        help="freeze weights at W and layer inputs at A bits instead of learning")
     parser.add_argument("--max-train-images", type=int, default=2000)
     parser.add_argument("--max-eval-images", type=int, default=2000)
     parser.add_argument("--calib-images", type=int, default=64)
@@ -236,9 +265,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     path = resolve_model(args.model)
     cfg = ShrinkConfig(data=args.data, preprocess=resolve_preprocess(args.preset),
-                       steps=args.steps, batch_size=args.batch_size, lam=args.lam,
+                       steps=max(args.steps, 1), batch_size=args.batch_size, lam=args.lam,
                        objective=args.objective, max_train_images=args.max_train_images,
-                       seed=args.seed, threads=args.threads)
+                       seed=args.seed, threads=args.threads, include=args.include,
+                       eval_include=args.eval_include, eval_data=args.eval_data,
+                       classes=args.classes)
     train, evaluation, split = load_splits(cfg)
     if len(evaluation) > args.max_eval_images:
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(evaluation))
@@ -269,20 +300,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         x = evaluation.batch(np.arange(batch) % len(evaluation))
         times = latency({n: p.SerializeToString() for n, p in candidates.items()}, x,
                         args.threads, args.warmup, args.runs)
-        base = min(statistics.median(t) for n, t in times.items() if n in STATIC.values())
+        best = min(STATIC.values(), key=lambda n: statistics.median(times[n]))
+        base = statistics.median(times[best])
         for name, t in times.items():
             ms = statistics.median(t)
             rows[name][f"ms_batch{batch}"] = round(ms, 4)
             rows[name][f"min_ms_batch{batch}"] = round(min(t), 4)
             rows[name][f"ratio_to_static_batch{batch}"] = round(ms / base, 3)
-    report = analyze_model(graph_view(candidates["onnxbits pack"]))
+            rows[name][f"paired_ratio_batch{batch}"] = round(statistics.median(
+                a / b for a, b in zip(t, times[best], strict=True)), 3)
+    report = analyze_model(candidates["onnxbits pack"])
     result = {
         "model": str(path), "data": split, "steps": args.steps, "lambda": args.lam,
         "threads": args.threads, "runs": args.runs, "ort_version": ort.__version__,
         "avg_weight_bits": report.avg_weight_bits, "avg_act_bits": report.avg_act_bits,
         "layer_bits": {r.name: [r.weight_bits, r.act_bits, r.weight_container_bits]
                        for r in report.layers},
-        "pack_size": pack_size_check(candidates["onnxbits pack"], candidates["onnxbits ort"]),
+        "fixed_bits": args.fixed_bits,
+        "pack_size": pack_size_check(candidates["onnxbits pack"]),
         "rows": rows, **info, "seconds": round(time.perf_counter() - started, 1),
         "saved_to": str(save_dir)}
     print(format_table(result))
@@ -294,9 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     batches = sorted(int(k[8:]) for k in next(iter(result["rows"].values())) if
                      k.startswith("ms_batch"))
-    head = ["model", "file kB", "top-1", "fused/float-q layers", "fused other"]
+    head = ["model", "file kB", "top-1", "fused/float-q layers", "fused other", "max steps"]
     for b in batches:
-        head += [f"ms b{b}", f"x best static b{b}"]
+        head += [f"ms b{b}", f"x best static b{b}", f"paired b{b}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in result["rows"].items():
         fusion = row.get("fusion")
@@ -304,19 +339,26 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{row['top1']:.2f}" if row.get("top1") is not None else "-",
                  f"{fusion['fused_layers']}/{fusion['float_quantized_layers']}" if fusion else "-",
                  str(fusion["fused_other"]) if fusion else "-"]
+        check = result["verification"].get(name.removeprefix("onnxbits "))
+        cells.append(f"{check['max_steps']:.3f}" if check else "-")
         for b in batches:
             ms = row.get(f"ms_batch{b}")
             cells += [f"{ms:.3f}" if ms is not None else "-",
-                      f"{row[f'ratio_to_static_batch{b}']:.2f}" if ms is not None else "-"]
+                      f"{row[f'ratio_to_static_batch{b}']:.3f}" if ms is not None else "-",
+                      f"{row[f'paired_ratio_batch{b}']:.3f}" if ms is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     steps = ", ".join(f"{t}: {v['max_steps']:.2f}" for t, v in result["verification"].items()) \
         or "not measured (--reuse)"
     pack = result["pack_size"]
     lines += ["", f"avg weight bits {result['avg_weight_bits']:.2f}, avg activation bits "
-              f"{result['avg_act_bits']:.2f}; max ORT-vs-torch difference (steps): {steps}",
-              f"pack: layers at <= 4 bits store {pack['stored_bytes']} B, bound 1.1 x bits/32 x "
-              f"float = {pack['bound_bytes']} B (ratio {pack['ratio_to_bound']}, worst layer "
-              f"{pack['worst_layer_ratio_to_bound']})",
+              f"{result['avg_act_bits']:.2f}"
+              + (f" (fixed {result['fixed_bits']})" if result.get("fixed_bits") else "")
+              + f"; max ORT-vs-torch difference (steps): {steps}",
+              f"pack: the {pack['layers_at_most_4_bits']} of {pack['layers']} layers at <= 4 "
+              f"bits store their weights in {pack['weights_stored_bytes']} B = "
+              f"{pack['weights_ratio']} x params*bits/8 (bound 1.1; worst layer "
+              f"{pack['worst_layer']}); whole file {pack['file_bytes']} B = "
+              f"{pack['file_ratio']} x params*bits/8 of all layers",
               f"ORT {result['ort_version']}, {result['threads']} threads, median of "
               f"{result['runs']} interleaved runs; shrink {result.get('shrink_seconds', '-')} s, "
               f"total {result['seconds']} s"]

@@ -35,8 +35,11 @@ def report_command(model: Path, as_json: bool, markdown: bool, plot_path: Path |
                    html_path: Path | None) -> None:
     """Show learned weight/activation bits, params, MACs and sizes per layer of MODEL.onnx.
 
-    Works on float models, onnxbits outputs and ONNX Runtime QDQ models. Bits come from the
-    onnxbits metadata when present, else from the QuantizeLinear/DequantizeLinear nodes.
+    Works on float models, onnxbits outputs (every target, pack included) and ONNX Runtime QDQ
+    models. Bits come from the onnxbits metadata when present, else from the
+    QuantizeLinear/DequantizeLinear nodes. Each quantized tensor shows three precisions: learned
+    (W bits, A bits), stored in the file (W stored, A stored) and executed by ONNX Runtime
+    (A exec; weights execute at their learned bits).
     """
     if as_json and markdown:
         raise click.UsageError("--json cannot be used with --markdown")

@@ -16,9 +16,10 @@ bitlength at up to its learning rate per step whatever lambda's size; the shift 
 excursions while keeping the relative bitlengths lambda and the task loss chose.
 
 At the freeze, the integer bits first follow the one freeze rule ``k = floor(n + 1/2)``; if the
-integer cost is then more than ``tolerance`` away from ``B``, the groups closest to their rounding
-boundary move to the other integer (down when over budget, up when under), one at a time and only
-when the move brings the cost closer to ``B``, until it is within the tolerance or no move helps.
+integer cost then lies outside the band ``[B - tolerance, B]`` (a budget is not exceeded), the
+groups closest to their rounding boundary move to the other integer (down when over budget, up
+when more than ``tolerance`` under), one at a time and only when the move brings the cost closer
+to the band, until it is inside or no move helps.
 """
 
 from __future__ import annotations
@@ -127,7 +128,11 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
         q.freeze()
     moved: list[str] = []
     cost = _integer_cost(net, objective)
-    while abs(cost - target) > tolerance:
+
+    def off(c: float) -> float:          # distance to the band [B - tolerance, B]
+        return max(c - target, target - tolerance - c, 0.0)
+
+    while off(cost) > 0:
         down = cost > target
         best = None
         for q in quantizers:
@@ -140,7 +145,7 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
                 q.frozen_bits[i] = new
                 new_cost = _integer_cost(net, objective)
                 q.frozen_bits[i] = k
-                if abs(new_cost - target) >= abs(cost - target):
+                if off(new_cost) >= off(cost):
                     continue
                 distance = abs(float(n[i]) - (k - 0.5 if down else k + 0.5))
                 if best is None or distance < best[0]:

@@ -7,8 +7,9 @@ gives each such tensor a fixed 8-bit activation quantizer (per tensor, clip valu
 then learned like every other one, bits fixed at 8: ``min_bits = max_bits = 8``), so the torch
 model simulates exactly what the emitted graph computes. The quantizers are registered in
 ``net.acts`` and inserted with torch.fx right after the tensor's producer, as
-:func:`onnxbits.insert.attach_quantizers` does for layer inputs; they are not layer inputs, so
-the bit cost (:func:`onnxbits.insert.layer_bits`) does not count them.
+:func:`onnxbits.insert.attach_quantizers` does for layer inputs. A layer whose input has no
+quantizer of its own reads the new one (``net.layer_act``), so the bit cost counts it at its
+fixed 8 bits; otherwise the bit cost does not count them.
 
 :func:`simulate_int32_bias` makes the torch model add each layer's bias the way ONNX Runtime's
 integer kernels do: rounded to the int32 accumulator grid ``s = s_in s_w`` (``s_in`` the layer
@@ -21,8 +22,11 @@ writes ``round(b / s)`` as the int32 bias of exactly those layers.
 :func:`limit_clip_alphas` keeps the clip value of a tensor that comes out of ``Clip(0, hi)``
 (ReLU6) at most ``hi``: only then does ONNX Runtime drop the Clip and fuse the layer.
 
-:func:`prepare_ort` does the first two; call it for the ``ort`` and ``pack`` targets right
-after :func:`onnxbits.insert.attach_quantizers`, before calibration.
+:func:`hoist_pad_quantizers` moves a quantizer that reads a zero Pad to the Pad's input (the
+same values), so that the Pad can be folded away in the graph.
+
+:func:`prepare_ort` does all but :func:`limit_clip_alphas`; call it for the ``ort`` and ``pack``
+targets right after :func:`onnxbits.insert.attach_quantizers`, before calibration.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import onnx
 import torch
 from torch import Tensor, fx, nn
 
-from onnxbits.fusion import OutputNeed, plan_fusion
+from onnxbits.fusion import OutputNeed, plan_fusion, zero_pad_amounts
+from onnxbits.graph import GraphIndex
 from onnxbits.importer import Site, is_unsigned_tensor
 from onnxbits.insert import QuantizedNetwork, QuantWeightLayer
 from onnxbits.quant.quantizer import BitQuantizer
@@ -87,6 +92,9 @@ def add_output_quantizers(model: onnx.ModelProto, net: QuantizedNetwork,
             new = gm.graph.call_module(name, (producer,))
         producer.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         net.acts[need.tensor] = quantizer
+        for site in net.sites:  # a layer that reads the tensor now reads it at 8 bits
+            if site.input == need.tensor and net.layer_act.get(site.node) is None:
+                net.layer_act[site.node] = need.tensor
         added.append(need.tensor)
     gm.graph.lint()
     gm.recompile()
@@ -210,8 +218,6 @@ def simulate_int32_bias(model: onnx.ModelProto, net: QuantizedNetwork) -> list[s
     Returns the layer names. MatMul layers count when a constant Add follows them (ORT fuses
     the pair into QGemm).
     """
-    from onnxbits.graph import GraphIndex
-
     index = GraphIndex(model)
     done = []
     for site in net.sites:
@@ -242,7 +248,44 @@ def simulate_int32_bias(model: onnx.ModelProto, net: QuantizedNetwork) -> list[s
     return done
 
 
+def hoist_pad_quantizers(model: onnx.ModelProto, net: QuantizedNetwork) -> list[str]:
+    """Move each activation quantizer that reads a zero ``Pad`` to the Pad's input.
+
+    ``Q(pad_0(x)) = pad_0(Q(x))`` because 0 is on every grid, so the network computes the same;
+    the emitter can then fold the Pad into the Conv (:func:`onnxbits.fusion.integer_pads`) with
+    every quantizer still observable in the graph. Returns the new tensors (``net.acts`` and
+    ``net.layer_act`` now name the Pad input).
+    """
+    index = GraphIndex(model)
+    modules = {id(m): name for name, m in net.graph.named_modules()}
+    nodes = {n.target: n for n in net.graph.graph.nodes if n.op == "call_module"}
+    moved = []
+    for tensor, q in list(net.acts.items()):
+        pad = index.producer.get(tensor)
+        if pad is None or zero_pad_amounts(index, pad) is None or pad.input[0] in net.acts:
+            continue
+        q_node = nodes.get(modules.get(id(q)))
+        pad_node = q_node.args[0] if q_node is not None else None
+        if not isinstance(pad_node, fx.Node) or not isinstance(pad_node.args[0], fx.Node):
+            continue
+        source = pad_node.args[0]
+        for user in list(q_node.users):     # readers of Q(pad(x)) now read pad(Q(x))
+            user.replace_input_with(q_node, pad_node)
+        q_node.args = (source, *q_node.args[1:])
+        source.replace_all_uses_with(q_node, delete_user_cb=lambda user, q=q_node: user is not q)
+        pad_node.prepend(q_node)
+        net.acts[pad.input[0]] = net.acts.pop(tensor)
+        net.layer_act = {k: pad.input[0] if v == tensor else v for k, v in net.layer_act.items()}
+        moved.append(pad.input[0])
+    net.graph.graph.lint()
+    net.graph.recompile()
+    return moved
+
+
 def prepare_ort(model: onnx.ModelProto, net: QuantizedNetwork) -> dict[str, list[str]]:
-    """:func:`add_output_quantizers` then :func:`simulate_int32_bias`; returns what each did."""
+    """:func:`hoist_pad_quantizers`, :func:`add_output_quantizers`, then
+    :func:`simulate_int32_bias`; returns what each did."""
+    hoisted = hoist_pad_quantizers(model, net)
     outputs = add_output_quantizers(model, net)
-    return {"output_quantizers": outputs, "int32_bias": simulate_int32_bias(model, net)}
+    return {"hoisted": hoisted, "output_quantizers": outputs,
+            "int32_bias": simulate_int32_bias(model, net)}

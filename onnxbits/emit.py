@@ -2,7 +2,8 @@
 
 Weights (every target): ``W_int = clamp(round(W / s_c), -(2^(k-1) - 1), 2^(k-1) - 1)`` with
 ``s_c = alpha_c / (2^(k-1) - 1)`` per output channel, stored as int8 and read through
-``DequantizeLinear(W_int, s_c, 0, axis)``; the fine-tuned float bias replaces the original.
+``DequantizeLinear(W_int, s_c, 0, axis)`` (the zero point input only for Gemm/MatMul, which
+ONNX Runtime fuses only with it); the fine-tuned float bias replaces the original.
 
 Activations, one pair per quantized tensor ``t`` with clip value ``alpha`` and bits ``k``:
 
@@ -17,6 +18,8 @@ Activations, one pair per quantized tensor ``t`` with clip value ``alpha`` and b
   that tensor's scale and zero point: exact, so the torch model needs no counterpart. The new
   fixed 8-bit quantizers that fusion needs elsewhere live in the torch model
   (:func:`onnxbits.deploy.add_output_quantizers`) and are emitted like every other one.
+  Zero Pads leave the float path (:func:`onnxbits.fusion.integer_pads`): into the next Conv's
+  pads, or onto the uint8 tensor.
 * ``exact-sim``: ``DequantizeLinear(Clip(QuantizeLinear(t, alpha / qmax_k, 0), qmin_k, qmax_k))``
   (QCDQ) with int8/uint8 containers: exactly the k-bit grid, for tools that read bitlengths
   from the graph. Float biases (the int32-rounded value where the torch model simulates it).
@@ -27,8 +30,9 @@ Activations, one pair per quantized tensor ``t`` with clip value ``alpha`` and b
 The learned bits are recorded in ``metadata_props["onnxbits"]`` (JSON, format 1): per layer the
 learned weight bits, the container they are stored in (``weight_container_bits``), the learned
 input activation bits and the bits ONNX Runtime executes them at (``act_exec_bits``); per
-quantized tensor (``tensors``) the same for activations, with ``role`` ``input`` (a layer input,
-learned bits) or ``output`` (a fixed 8-bit quantizer added so that its producer fuses).
+quantized tensor (``tensors``) the same for activations, with ``role`` ``input`` (a layer input)
+or ``output`` (only there so that its producer fuses: a fixed 8-bit quantizer). ``pads`` lists
+the Pads the ``ort`` target took off the float path (:func:`onnxbits.fusion.integer_pads`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxbits.deploy import bias_integers, bias_scale, weight_step
-from onnxbits.fusion import plan_fusion
+from onnxbits.fusion import integer_pads, plan_fusion
 from onnxbits.graph import GraphIndex
 from onnxbits.importer import Site
 from onnxbits.insert import QuantizedNetwork
@@ -152,15 +156,19 @@ class _Graph:
         return name
 
     def dequantize(self, before: str, base: str, ints: np.ndarray, scale: np.ndarray,
-                   axis: int | None) -> str:
-        """Add ``DequantizeLinear(ints, scale, 0)`` before node ``before``; return its output."""
-        q = self.add(ints, f"{base}_quantized")
-        s = self.add(scale, f"{base}_scale")
-        z = self.add(np.zeros(scale.shape, ints.dtype), f"{base}_zero_point")
+                   axis: int | None, zero_point: bool = False) -> str:
+        """Add ``DequantizeLinear(ints, scale, 0)`` before node ``before``; return its output.
+
+        The zero point input is written only with ``zero_point`` (0 is its default): ONNX
+        Runtime fuses Conv weights and int32 biases without it, Gemm/MatMul weights only with it.
+        """
+        inputs = [self.add(ints, f"{base}_quantized"), self.add(scale, f"{base}_scale")]
+        if zero_point:
+            inputs.append(self.add(np.zeros(scale.shape, ints.dtype), f"{base}_zero_point"))
         out = self.name(f"{base}_DequantizeLinear_Output")
         attrs = {"axis": axis} if axis is not None else {}
         self.before.setdefault(before, []).append(helper.make_node(
-            "DequantizeLinear", [q, s, z], [out], name=self.name(f"{base}_DequantizeLinear"),
+            "DequantizeLinear", inputs, [out], name=self.name(f"{base}_DequantizeLinear"),
             **attrs))
         return out
 
@@ -197,7 +205,8 @@ def emit(model: onnx.ModelProto, net: QuantizedNetwork, target: str = "ort",
         if target == "ort" and bias_scale(net, site.node) is not None:
             wt = WeightTensors(wt.integers, weight_step(net, site.node).numpy(), wt.axis)
         base = site.weight if g.users.get(site.weight, 0) == 1 else f"{site.weight}_{site.node}"
-        node.input[1] = g.dequantize(site.node, base, wt.integers, wt.scale, wt.axis)
+        node.input[1] = g.dequantize(site.node, base, wt.integers, wt.scale, wt.axis,
+                                     zero_point=site.op != "Conv")
         act = net.layer_act.get(site.node)
         bias_kind = _emit_bias(g, site, node, net, target)
         wbits = net.layers[site.node].wq.frozen_bits
@@ -220,6 +229,7 @@ def emit(model: onnx.ModelProto, net: QuantizedNetwork, target: str = "ort",
             info["act_signed"] = entry["signed"]
             info["act_exec_bits"] = entry["exec_bits"]
     _insert_nodes(out.graph, g.before, g.after)
+    pads = integer_pads(out) if plan is not None else {}
     used = {name for n in out.graph.node for name in n.input}
     keep = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
@@ -228,11 +238,12 @@ def emit(model: onnx.ModelProto, net: QuantizedNetwork, target: str = "ort",
                                "source": source or {}, "tensors": tensors}
     if plan is not None:
         meta["requantized"] = requant
+        meta["pads"] = pads
     entry = next((p for p in out.metadata_props if p.key == METADATA_KEY), None)
     if entry is None:
         entry = out.metadata_props.add()
         entry.key = METADATA_KEY
-    entry.value = json.dumps(meta)
+    entry.value = json.dumps(meta, separators=(",", ":"))
     out.producer_name = "onnxbits"
     onnx.checker.check_model(out)
     return out

@@ -17,7 +17,8 @@ Rules measured with ORT 1.32 (``tests/test_deploy.py`` keeps them true):
    full optimizations ORT rounds a float Conv bias to ``s_in * s_w`` itself
    (WeightBiasQuantization). A Conv whose output is not quantized (graph output) runs in float.
 4. ``DQ -> GlobalAveragePool/AveragePool -> Q`` fuses (QLinear[Global]AveragePool), as do
-   ``DQ -> Slice -> Q`` (Slice on uint8); ``DQ -> Pad -> Q`` stays a float Pad.
+   ``DQ -> Slice -> Q`` (Slice on uint8); ``DQ -> Pad -> Q`` stays a float Pad (see
+   :func:`integer_pads`, which moves such Pads into the Conv or onto the integers).
 5. ``DQ(int4, block_size) -> MatMul`` becomes MatMulNBits with ``accuracy_level`` 4, which
    quantizes its float input per block at run time: not the verified numerics, so MatMul
    weights stay int8 (QGemm). ``DQ(int2) -> Conv`` makes ORT 1.32 fail at session creation.
@@ -44,15 +45,12 @@ chain with the source's scale and zero point: exact as well.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from onnxbits.graph import GraphIndex
+from onnxbits.graph import GraphIndex, attr
 
 # Ops whose output values are a subset of (or a monotone selection from) their data input's values:
 # quantizing before or after them gives the same result.
@@ -60,15 +58,6 @@ GRID_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose
             "MaxPool", "GlobalMaxPool", "Pad"}
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 POOL_OPS = ("AveragePool", "GlobalAveragePool")
-# Integer kernels ONNX Runtime puts in place of quantized node units.
-FUSED_LAYER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits",
-                   "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
-FUSED_OTHER_OPS = {"QLinearAdd", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
-                   "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"}
-FLOAT_LAYER_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
-                   "ConvTranspose"}
-
-
 @dataclass(frozen=True)
 class OutputNeed:
     """A tensor that needs a new fixed-bit quantizer for its producer to fuse."""
@@ -252,59 +241,75 @@ def _unsigned(index: GraphIndex, tensor: str) -> bool:
     return False
 
 
-def optimized_model(model: onnx.ModelProto | bytes, level: str = "all") -> onnx.ModelProto:
-    """The graph ONNX Runtime (CPU) actually runs after its optimizations (``all``/``extended``)."""
-    import onnxruntime as ort
-
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[level]
-        options.optimized_model_filepath = path
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
-        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        return onnx.load(path)
+def zero_pad_amounts(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
+    """The ``pads`` of a constant-mode Pad that pads with 0 on all axes, else None."""
+    mode = attr(node, "mode", b"constant")
+    if node.op_type != "Pad" or mode not in (b"constant", "constant") or len(node.input) > 3:
+        return None
+    pads = index.array(node.input[1]) if len(node.input) > 1 else None
+    if len(node.input) > 2 and node.input[2]:
+        value = index.array(node.input[2])
+        if value is None or value.size != 1 or float(value.reshape(-1)[0]) != 0.0:
+            return None
+    return None if pads is None else [int(p) for p in pads.reshape(-1)]
 
 
-@dataclass(frozen=True)
-class FusionCount:
-    """Quantized layers on integer kernels vs in float, in ORT's optimized graph."""
+def integer_pads(model: onnx.ModelProto) -> dict[str, str]:
+    """Take every zero Pad of an ``ort`` graph off the float path, in place; exact.
 
-    fused_layers: int            # QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits, ...
-    float_quantized_layers: int  # Conv/Gemm/MatMul that read a DequantizeLinear output
-    fused_other: int             # QLinearAdd, QLinearAveragePool, ...
-    float_layers: int            # every float Conv/Gemm/MatMul left
-    dequantize: int              # DequantizeLinear nodes left (run on every inference)
-    ops: dict[str, int]
+    1. ``Pad(x) -> Q(s, z) -> DQ(s, z) -> Conv`` with pads ``p >= 0`` on the spatial axes only:
+       ``p`` joins the Conv's ``pads`` (QLinearConv pads with ``z``, which is 0 after DQ) and Q
+       reads ``x``, or the Conv reads ``x`` when ``x = DQ(s, z)(q)`` already (``"conv"``).
+    2. ``DQ(s, z)(q) -> Pad -> Q(s, z)``: the Pad runs on ``q`` with constant ``z``
+       (``DQ(pad_z(q)) = pad_0(DQ(q))`` and ``Q(DQ(q)) = q``) and replaces the Q
+       (``"integer"``).
 
-    def to_dict(self) -> dict[str, object]:
-        return {"fused_layers": self.fused_layers,
-                "float_quantized_layers": self.float_quantized_layers,
-                "fused_other": self.fused_other, "float_layers": self.float_layers,
-                "dequantize": self.dequantize, "ops": self.ops}
+    Returns ``{Pad output tensor: "conv" | "integer"}``; the tensor is gone from the graph.
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    done: dict[str, str] = {}
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        index = GraphIndex(model)
+        pads, q = zero_pad_amounts(index, pad), _single_consumer(index, pad.output[0], outputs)
+        if pads is None or q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        src = index.producer.get(pad.input[0])
+        if src is not None and (src.op_type != "DequantizeLinear" or src.input[1:3] != q.input[1:3]):
+            src = None  # src: a DQ on the same grid as q
+        dq = _single_consumer(index, q.output[0], outputs)
+        conv = _single_consumer(index, dq.output[0], outputs) \
+            if dq is not None and dq.op_type == "DequantizeLinear" else None
+        rank = len(pads) // 2
+        spatial = pads[2:rank] + pads[rank + 2:]
+        if conv is not None and dq is not None and conv.op_type == "Conv" and \
+                conv.input[0] == dq.output[0] and min(pads) >= 0 and \
+                not any(pads[:2] + pads[rank:rank + 2]) and \
+                attr(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
+            old = attr(conv, "pads", None) or [0] * len(spatial)
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend(kept)
+            conv.attribute.append(onnx.helper.make_attribute(
+                "pads", [a + b for a, b in zip(old, spatial, strict=True)]))  # type: ignore[call-overload]
+            if src is not None:
+                conv.input[0] = src.output[0]
+                _remove(graph, [pad, q, dq])
+            else:
+                q.input[0] = pad.input[0]
+                _remove(graph, [pad])
+            done[pad.output[0]] = "conv"
+        elif src is not None and getattr(index.array(q.input[2]), "size", 0) == 1:
+            alone = len(index.consumers[src.output[0]]) == 1 and src.output[0] not in outputs
+            pad.input[0] = src.input[0]
+            pad.input.extend([""] * (3 - len(pad.input)))
+            pad.input[2] = q.input[2]
+            tensor, pad.output[0] = pad.output[0], q.output[0]
+            _remove(graph, [q, src] if alone else [q])
+            done[tensor] = "integer"
+    return done
 
 
-def count_fusion(optimized: onnx.ModelProto) -> FusionCount:
-    """Count fused and unfused quantized ops in an optimized graph (see :func:`optimized_model`)."""
-    nodes = list(optimized.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    ops = Counter(n.op_type for n in nodes)
-
-    def from_dq(tensor: str) -> bool:
-        node = producer.get(tensor)
-        while node is not None and node.op_type in ("Transpose", "Reshape", "ReorderInput"):
-            node = producer.get(node.input[0])
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    float_layers = [n for n in nodes if n.op_type in FLOAT_LAYER_OPS]
-    return FusionCount(
-        fused_layers=sum(ops[op] for op in FUSED_LAYER_OPS),
-        float_quantized_layers=sum(1 for n in float_layers if any(from_dq(t) for t in n.input)),
-        fused_other=sum(ops[op] for op in FUSED_OTHER_OPS),
-        float_layers=len(float_layers), dequantize=ops["DequantizeLinear"],
-        ops=dict(sorted(ops.items())))
+def _remove(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    for node in nodes:
+        graph.node.remove(node)

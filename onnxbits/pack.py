@@ -18,20 +18,22 @@ against the stored integers):
   invalid"), so the model does not load with the default optimizations.
 * ``k == 8``: int8, unchanged.
 
-Zero points follow their weight's type. The opset is raised only when the ONNX version converter
+Zero points follow their weight's type. An int32 bias scale that equals ``s_in * s_w`` (float32,
+as the ``ort`` target writes it) is not stored: a ``Mul(s_in, s_w)`` computes it, which ONNX
+Runtime folds into the same constant before fusing. :func:`weight_storage` measures what each
+layer's weight costs in the file. The opset is raised only when the ONNX version converter
 leaves every node unchanged (all ops keep their meaning), so :func:`unpack_model` can restore
 the ``ort`` model byte for byte: it turns every packed weight back into the same int8
 initializer at the same position, removes the decoders, restores the opset, IR version and
 metadata. ``unpack_model(pack_model(m))`` serialises to exactly the bytes of ``m``.
 
-Bit stream layout: weights in C order, shifted to ``u = q + 2^(k-1) - 1`` (so ``0 <= u < 2^k``),
-padded with ``u = 0`` to a multiple of 8; value ``i`` occupies bits ``k i .. k i + k - 1`` of the
-little-endian stream; the stream is stored as ``[groups, k]`` bytes (8 values per k bytes).
+The bit stream layout and its decoder are in :mod:`onnxbits.bitstream`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
@@ -39,54 +41,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxbits.bitstream import FUNCTION_DOMAIN, decoder_function, pack_bits, unpack_bits
 from onnxbits.errors import InvalidModelError
+
+__all__ = ["WeightStorage", "graph_view", "is_packed", "pack_bits", "pack_model", "unpack_bits",
+           "unpack_model", "weight_storage"]
 
 METADATA_KEY = "onnxbits"
 PACK_KEY = "pack"
 DECODER_PREFIX = "onnxbits_unpack"
-FUNCTION_DOMAIN = "onnxbits"
 INT4_OPSET, INT2_OPSET = 21, 25
 IR_FOR_OPSET = {21: 10, 25: 11}
-
-
-# ---- bit stream (pure numpy) --------------------------------------------------------------
-
-
-def pack_bits(q: np.ndarray, k: int) -> np.ndarray:
-    """Pack narrow-range signed ``k``-bit integers into a ``[groups, k]`` uint8 stream.
-
-    >>> pack_bits(np.array([-3, 3, 0, 1], np.int8), 3).tolist()
-    [[240, 8, 0]]
-    >>> unpack_bits(pack_bits(np.array([-3, 3, 0, 1], np.int8), 3), 3, 4).tolist()
-    [-3, 3, 0, 1]
-    """
-    offset = 2 ** (k - 1) - 1
-    u = q.reshape(-1).astype(np.int64) + offset
-    if u.size and (u.min() < 0 or u.max() >= 2**k):
-        raise ValueError(f"values outside the {k}-bit range")
-    groups = -(-u.size // 8)
-    padded = np.zeros(groups * 8, np.int64)
-    padded[:u.size] = u
-    bits = (padded[:, None] >> np.arange(k)) & 1            # [n, k] little-endian bits
-    stream = bits.reshape(groups, k, 8)
-    return (stream << np.arange(8)).sum(axis=2).astype(np.uint8)
-
-
-def _decoder_tables(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte index of the low byte, of the high byte (clamped) and the shift of each of 8 values."""
-    start = np.arange(8) * k
-    lo = start // 8
-    hi = np.minimum(lo + 1, k - 1)
-    return lo.astype(np.int64), hi.astype(np.int64), (2 ** (start % 8)).astype(np.int32)
-
-
-def unpack_bits(stream: np.ndarray, k: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`, computed as the decoder subgraph does."""
-    lo, hi, div = _decoder_tables(k)
-    b = stream.astype(np.int32)
-    word = b[:, lo] + b[:, hi] * 256
-    u = (word // div) % (2**k)
-    return (u - (2 ** (k - 1) - 1)).astype(np.int8).reshape(-1)[:count]
 
 
 # ---- graph edits ---------------------------------------------------------------------------
@@ -101,7 +66,7 @@ def _meta(model: onnx.ModelProto) -> dict[str, Any]:
 
 def _set_meta(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
     entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
-    entry.value = json.dumps(meta)
+    entry.value = json.dumps(meta, separators=(",", ":"))
 
 
 def _opset(model: onnx.ModelProto) -> onnx.OperatorSetIdProto:
@@ -208,6 +173,7 @@ def pack_model(model: onnx.ModelProto, *, bitpack: bool = True,
             tables.add(stored)
         pack_info["weights"][q_name] = {"layer": layer, "format": fmt, "bits": stored}
         meta["layers"][layer]["weight_container_bits"] = stored
+    pack_info["bias_scales"] = _derive_bias_scales(out, meta, users, decoders)
     if decoders:
         ordered = []
         for node in out.graph.node:
@@ -224,7 +190,7 @@ def pack_model(model: onnx.ModelProto, *, bitpack: bool = True,
         out.ir_version = max(out.ir_version, IR_FOR_OPSET[target])
     if tables:
         opset = _opset(out).version
-        out.functions.extend(_function(k, opset) for k in sorted(tables))
+        out.functions.extend(decoder_function(k, opset) for k in sorted(tables))
         out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
     meta["target"] = "pack"
     meta[PACK_KEY] = pack_info
@@ -233,36 +199,87 @@ def pack_model(model: onnx.ModelProto, *, bitpack: bool = True,
     return out
 
 
-def _function(k: int, opset: int) -> onnx.FunctionProto:
-    """``onnxbits.Unpack<k>(stream uint8 [groups, k], shape int64 [rank]) -> int8 weights``."""
-    lo, hi, div = _decoder_tables(k)
+def _derive_bias_scales(model: onnx.ModelProto, meta: dict[str, Any], users: dict[str, int],
+                        decoders: dict[str, list[onnx.NodeProto]]) -> dict[str, int]:
+    """Replace each int32 bias scale that equals ``s_in * s_w`` (float32) by that ``Mul``.
 
-    def const(name: str, array: np.ndarray) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+    Returns ``{scale name: its index among the initializers}`` (for :func:`unpack_model`).
+    ONNX Runtime folds the Mul into the same constant before it fuses the layer.
+    """
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    arrays = {t.name: t for t in model.graph.initializer}
+    done: dict[str, int] = {}
+    for name, info in meta["layers"].items():
+        node = nodes.get(name)
+        if info.get("bias") != "int32" or node is None:
+            continue
+        bias = node.input[2] if len(node.input) > 2 else next(
+            (t for t in consumers.get(node.output[0], [None])[0].input  # type: ignore[union-attr]
+             if t != node.output[0]), "") if node.op_type == "MatMul" else ""
+        dqs = [producer.get(t) for t in (bias, node.input[0], node.input[1])]
+        if any(d is None or d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        s_b, s_in, s_w = (d.input[1] for d in dqs)  # type: ignore[union-attr]
+        if users.get(s_b) != 1 or not all(t in arrays for t in (s_b, s_in, s_w)):
+            continue
+        product = numpy_helper.to_array(arrays[s_in]) * numpy_helper.to_array(arrays[s_w])
+        value = numpy_helper.to_array(arrays[s_b])
+        if product.dtype != value.dtype or product.shape != value.shape or \
+                not np.array_equal(product, value):
+            continue
+        done[s_b] = index[s_b]
+        decoders.setdefault(dqs[0].name, []).append(helper.make_node(  # type: ignore[union-attr]
+            "Mul", [s_in, s_w], [s_b], name=f"{DECODER_PREFIX}/{s_b}"))
+    keep = [t for t in model.graph.initializer if t.name not in done]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return done
 
-    nodes = [
-        const("lo_idx", lo), const("hi_idx", hi), const("div", div),
-        const("mod", np.array(2**k, np.int32)),
-        const("offset", np.array(2 ** (k - 1) - 1, np.int32)),
-        const("byte", np.array(256, np.int32)), const("flat_shape", np.array([-1], np.int64)),
-        const("start", np.array([0], np.int64)),
-        helper.make_node("Cast", ["stream"], ["b"], to=TensorProto.INT32),
-        helper.make_node("Gather", ["b", "lo_idx"], ["lo"], axis=1),
-        helper.make_node("Gather", ["b", "hi_idx"], ["hi"], axis=1),
-        helper.make_node("Mul", ["hi", "byte"], ["hi_shifted"]),
-        helper.make_node("Add", ["lo", "hi_shifted"], ["word"]),
-        helper.make_node("Div", ["word", "div"], ["shifted"]),
-        helper.make_node("Mod", ["shifted", "mod"], ["u"]),
-        helper.make_node("Sub", ["u", "offset"], ["q32"]),
-        helper.make_node("Cast", ["q32"], ["q8"], to=TensorProto.INT8),
-        helper.make_node("Reshape", ["q8", "flat_shape"], ["flat"]),
-        helper.make_node("ReduceProd", ["shape"], ["count"], keepdims=1),
-        helper.make_node("Slice", ["flat", "start", "count"], ["values"]),
-        helper.make_node("Reshape", ["values", "shape"], ["weights"]),
-    ]
-    return helper.make_function(FUNCTION_DOMAIN, f"Unpack{k}", ["stream", "shape"], ["weights"],
-                                nodes, [helper.make_opsetid("", opset)],
-                                doc_string=f"{k}-bit stream -> int8 (onnxbits.pack)")
+
+@dataclass(frozen=True)
+class WeightStorage:
+    """What a (packed) model spends on one layer's weight: ``stored_bytes`` = serialised sizes
+    of the integer tensor (stream and its shape, int4 or int8), its scale and zero point."""
+
+    layer: str
+    params: int
+    bits: int
+    stored_bytes: int
+
+    @property
+    def learned_bytes(self) -> float:
+        """``params * bits / 8``: the weight at exactly its learned bits."""
+        return self.params * self.bits / 8
+
+
+def weight_storage(model: onnx.ModelProto) -> list[WeightStorage]:
+    """Per-layer weight storage of an onnxbits model (any target), in metadata order."""
+    meta = _meta(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes = {n.name: n for n in model.graph.node}
+    out = []
+    for name, info in meta["layers"].items():
+        dq = producer.get(nodes[name].input[1]) if name in nodes else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        tensors = [inits.get(t) for t in dq.input[1:]]
+        source = producer.get(dq.input[0])
+        if source is not None:  # a bit stream decoder: Unpack<k>(stream, shape)
+            tensors += [inits[t] for t in source.input]
+            params = int(np.prod(numpy_helper.to_array(inits[source.input[1]])))
+        else:
+            tensors.append(inits[dq.input[0]])
+            params = int(np.prod(inits[dq.input[0]].dims))
+        out.append(WeightStorage(name, params, int(info["weight_bits"]),
+                                 sum(t.ByteSize() for t in tensors if t is not None)))
+    return out
 
 
 def graph_view(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -270,11 +287,21 @@ def graph_view(model: onnx.ModelProto) -> onnx.ModelProto:
     every weight is a DequantizeLinear of an int8 initializer again, while the metadata still
     says which container each is stored in). Other models are returned unchanged."""
     meta = _meta(model) if any(p.key == METADATA_KEY for p in model.metadata_props) else {}
-    if meta.get("target") != "pack":
+    if meta.get("target") != "pack" or not is_packed(model):
         return model
     out = unpack_model(model)
     _set_meta(out, meta)
     return out
+
+
+def is_packed(model: onnx.ModelProto) -> bool:
+    """True when some weight the ``pack`` metadata lists is still stored packed (a bit stream
+    or an int2/int4 initializer); False for a :func:`graph_view` or an unpacked model."""
+    info = _meta(model).get(PACK_KEY, {}).get("weights", {})
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    narrow = (TensorProto.INT4, TensorProto.INT2)
+    return any(f"{DECODER_PREFIX}/{name}" in types or types.get(name) in narrow
+               for name in info)
 
 
 def unpack_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -291,6 +318,11 @@ def unpack_model(model: onnx.ModelProto) -> onnx.ModelProto:
                    if n.op_type == "DequantizeLinear" and len(n.input) > 2}
     for q_name, entry in info["weights"].items():
         fmt, k = entry["format"], int(entry["bits"])
+        stored = q_name if fmt in ("int4", "int2") else f"{DECODER_PREFIX}/{q_name}"
+        if stored not in inits or (fmt != "bits" and out.graph.initializer[inits[stored]]
+                                   .data_type == TensorProto.INT8):
+            raise InvalidModelError(f"weight '{q_name}' is not stored packed ({fmt}); the model "
+                                    "was unpacked already (e.g. by graph_view)")
         if fmt in ("int4", "int2"):
             for name in (q_name, zero_points.get(q_name, "")):
                 if name:
@@ -305,10 +337,16 @@ def unpack_model(model: onnx.ModelProto) -> onnx.ModelProto:
             values = unpack_bits(numpy_helper.to_array(tensor), k, int(np.prod(shape)))
             tensor.CopyFrom(numpy_helper.from_array(values.reshape(shape), q_name))
         meta["layers"][entry["layer"]]["weight_container_bits"] = 8
+    scales = {n.output[0]: list(n.input) for n in out.graph.node
+              if n.name.startswith(DECODER_PREFIX + "/") and n.op_type == "Mul"}
     keep_nodes = [n for n in out.graph.node if not n.name.startswith(DECODER_PREFIX + "/")]
     del out.graph.node[:]
     out.graph.node.extend(keep_nodes)
     keep = [t for t in out.graph.initializer if not t.name.startswith(DECODER_PREFIX + "/")]
+    arrays = {t.name: numpy_helper.to_array(t) for t in keep}
+    for name, position in sorted(info.get("bias_scales", {}).items(), key=lambda e: e[1]):
+        s_in, s_w = scales[name]
+        keep.insert(position, numpy_helper.from_array(arrays[s_in] * arrays[s_w], name))
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
     del out.functions[:]

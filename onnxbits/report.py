@@ -3,6 +3,10 @@
 Bits come from the ``onnxbits`` metadata entry when present (authoritative), else from the graph:
 weight bits from the DequantizeLinear on the weight (see ``graph.weight_bits``), activation bits
 from Q -> [Clip] -> DQ on the data input (``graph.activation_quant``); float tensors count as 32.
+Each quantized tensor has three precisions: learned (``*_bits``), stored (``*_container_bits``,
+the integer type in the file) and executed (``act_exec_bits``: the grid ONNX Runtime computes
+the activation on; weights always execute on their learned grid). A ``pack`` model is read
+through :func:`onnxbits.pack.graph_view`; its sizes are those of the packed file.
 
 Totals: ``avg_weight_bits = mean_l w_l``, ``avg_act_bits = mean_l a_l``,
 ``avg_bits = (sum w + sum a) / (2 L)``, ``size_weighted_weight_bits = sum p_l w_l / sum p_l``,
@@ -13,9 +17,6 @@ once in the byte and param totals). The library never prints; formatters return 
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import math
@@ -33,8 +34,14 @@ from onnxbits.graph import (
     quantizable_nodes,
     weight_bits,
 )
-from onnxbits.io import load_model, write_bytes_atomic
+from onnxbits.io import load_model
 from onnxbits.macs import layer_cost
+from onnxbits.pack import graph_view
+from onnxbits.report_plot import plot, save_png, to_html
+
+__all__ = ["HEADERS", "LayerReport", "ModelReport", "TensorReport", "analyze_model",
+           "format_bytes", "format_count", "layer_entry", "plot", "read_metadata", "save_png",
+           "to_html", "write_metadata"]
 
 log = logging.getLogger(__name__)
 METADATA_KEY = "onnxbits"
@@ -105,6 +112,21 @@ class LayerReport:
     act_quantized: bool
     act_tensor: str | None
     bits_from: str  # "metadata" or "graph"
+    act_container_bits: int = FLOAT_BITS
+
+
+@dataclass
+class TensorReport:
+    """One quantized activation: learned, stored (container) and executed bits. ``role`` is
+    ``input`` (read by a layer), ``output`` (an 8-bit quantizer added so its producer fuses)
+    or ``other``."""
+
+    tensor: str
+    role: str
+    bits: int
+    container_bits: int
+    exec_bits: int
+    signed: bool
 
 
 @dataclass
@@ -127,6 +149,7 @@ class ModelReport:
     model_file_bytes: int
     compression: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    tensors: list[TensorReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a plain, JSON-ready dict."""
@@ -148,7 +171,9 @@ class ModelReport:
         try:
             layers = [LayerReport(**{k: v for k, v in row.items() if k in layer_names})
                       for row in data["layers"]]
-            return cls(**{**{k: v for k, v in data.items() if k in names}, "layers": layers})
+            tensors = [TensorReport(**row) for row in data.get("tensors", [])]
+            return cls(**{**{k: v for k, v in data.items() if k in names}, "layers": layers,
+                          "tensors": tensors})
         except (KeyError, TypeError) as exc:
             raise InvalidModelError(f"not an onnxbits report ({exc}); pass the dict from "
                                     "ModelReport.to_dict() or a shrink report") from exc
@@ -167,6 +192,7 @@ class ModelReport:
             f"{format_bytes(self.quantized_weight_bytes)}, "
             f"stored {format_bytes(self.stored_weight_bytes)} "
             f"({self.compression:.2f}x)  file: {format_bytes(self.model_file_bytes)}",
+            *_tensor_lines(self.tensors),
         ]
 
     def rows(self) -> list[list[str]]:
@@ -174,7 +200,7 @@ class ModelReport:
         return [[str(i), r.name, r.op, "x".join(map(str, r.weight_shape)), format_count(r.params),
                  format_count(r.macs), _bits(r.weight_bits, r.weight_quantized),
                  _bits(r.act_bits, r.act_quantized), str(r.weight_container_bits),
-                 str(r.act_exec_bits), format_count(r.weight_bytes)]
+                 str(r.act_container_bits), str(r.act_exec_bits), format_count(r.weight_bytes)]
                 for i, r in enumerate(self.layers)]
 
     def to_markdown(self) -> str:
@@ -200,7 +226,17 @@ class ModelReport:
 
 
 HEADERS = ["#", "layer", "op", "weight shape", "params", "MACs", "W bits", "A bits",
-           "W stored", "A exec", "W bytes"]
+           "W stored", "A stored", "A exec", "W bytes"]
+
+
+def _tensor_lines(tensors: list[TensorReport]) -> list[str]:
+    """One line per (role, learned, stored, executed) group of quantized activations."""
+    groups: dict[tuple[str, int, int, int], int] = {}
+    for t in tensors:
+        key = (t.role, t.bits, t.container_bits, t.exec_bits)
+        groups[key] = groups.get(key, 0) + 1
+    return [f"activations ({role}): {n} learned at {bits} bits, stored in {stored}, "
+            f"executed at {run}" for (role, bits, stored, run), n in sorted(groups.items())]
 
 
 def _bits(bits: int, quantized: bool) -> str:
@@ -245,6 +281,8 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
         raise InvalidModelError("expected an ONNX ModelProto or a path, got "
                                 f"{type(model).__name__}")
     meta = read_metadata(proto, source)
+    if meta.get("target") == "pack":
+        proto = graph_view(proto)
     index = GraphIndex(proto)
     shapes = infer_shapes(proto)
     sites = quantizable_nodes(proto, index)
@@ -252,6 +290,8 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
     unknown = set(entries) - {s.name for s in sites}
     if unknown:
         log.warning("%s: metadata names layers not in the graph: %s", source, sorted(unknown)[:5])
+    tensors = _meta_tensors(meta) or _graph_tensors(index, {s.input_name for s in sites})
+    containers = {t.tensor: t.container_bits for t in tensors}
     layers: list[LayerReport] = []
     stored: dict[str, tuple[int, int, int]] = {}
     for site in sites:
@@ -260,6 +300,7 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
         act = activation_quant(index, site.input_name)
         a_bits, a_exec = (act.bits, act.exec_bits) if act else (FLOAT_BITS, FLOAT_BITS)
         a_quant, a_tensor = act is not None, act.tensor if act else None
+        a_container = act.container_bits if act else FLOAT_BITS
         entry = entries.get(site.name)
         if entry is not None:
             w_bits, w_quant = int(entry["weight_bits"]), True
@@ -268,14 +309,44 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
             a_bits = int(entry["act_bits"]) if a_quant else FLOAT_BITS
             a_exec = int(entry.get("act_exec_bits") or (a_exec if a_quant else FLOAT_BITS))
             a_tensor = (entry.get("act_tensor") or a_tensor) if a_quant else None
+            a_container = containers.get(str(a_tensor), a_container if act else a_exec)
         w_bytes = math.ceil(cost.params * w_container / 8)
         layers.append(LayerReport(
             site.name, site.op, list(site.weight_shape), cost.params, cost.bias_params, cost.macs,
             w_bits, a_bits, w_container, a_exec, w_bytes, (cost.macs or 0) * w_bits * a_bits,
-            w_quant, a_quant, a_tensor, "metadata" if entry is not None else "graph"))
+            w_quant, a_quant, a_tensor, "metadata" if entry is not None else "graph",
+            a_container))
         prev = stored.get(site.stored_name)
         stored[site.stored_name] = (cost.params, max(w_bits, prev[1] if prev else 0), w_bytes)
-    return _totals(source, layers, stored, file_bytes, meta)
+    report = _totals(source, layers, stored, file_bytes, meta)
+    report.tensors = tensors
+    return report
+
+
+def _meta_tensors(meta: dict[str, Any]) -> list[TensorReport]:
+    """The ``tensors`` entry of onnxbits metadata (emit.py writes it), in its order."""
+    return [TensorReport(name, str(e.get("role", "other")), int(e["bits"]),
+                         int(e.get("container_bits", 8)), int(e["exec_bits"]),
+                         bool(e.get("signed", False)))
+            for name, e in meta.get("tensors", {}).items()]
+
+
+def _graph_tensors(index: GraphIndex, layer_inputs: set[str]) -> list[TensorReport]:
+    """Every ``Q -> [Clip] -> DQ`` on a non-constant tensor, read from the graph."""
+    out = []
+    for q in index.graph.node:
+        if q.op_type != "QuantizeLinear" or index.constant(q.input[0]) is not None:
+            continue
+        users = index.consumers.get(q.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Clip":
+            users = index.consumers.get(users[0].output[0], [])
+        dq = next((n for n in users if n.op_type == "DequantizeLinear"), None)
+        act = activation_quant(index, dq.output[0]) if dq is not None else None
+        if act is not None:
+            role = "input" if dq.output[0] in layer_inputs else "other"  # type: ignore[union-attr]
+            out.append(TensorReport(q.input[0], role, act.bits, act.container_bits,
+                                    act.exec_bits, act.signed))
+    return out
 
 
 def _totals(source: str, layers: list[LayerReport], stored: dict[str, tuple[int, int, int]],
@@ -296,82 +367,3 @@ def _totals(source: str, layers: list[LayerReport], stored: dict[str, tuple[int,
         quantized_weight_bytes=sum(p * w / 8 for p, w, _ in stored.values()),
         stored_weight_bytes=stored_bytes, model_file_bytes=file_bytes,
         compression=4 * params / stored_bytes if stored_bytes else 1.0, metadata=meta)
-
-
-def _label(name: str, width: int = 34, head: int = 12) -> str:
-    """Shorten long names in the middle, keeping the start (block) and the end (op)."""
-    return name if len(name) <= width else name[:head] + "…" + name[-(width - head - 1):]
-
-
-def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
-    """Render bits (top) and params/MACs (bottom, log scale) per layer as a PNG.
-
-    Writes it to ``path`` when given and returns the PNG bytes. Uses the Agg canvas only (no
-    pyplot, no display); the width grows with the layer count (0.28 inch per layer).
-    """
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = report.layers
-    x = np.arange(len(rows))
-    width = max(8.0, 0.28 * len(rows) + 2.0)
-    fig = Figure(figsize=(width, 9.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1)
-    bar = 0.4
-    top.bar(x - bar / 2, [r.weight_bits for r in rows], bar, label="weight bits", color="#1f77b4")
-    top.bar(x + bar / 2, [r.act_bits for r in rows], bar, label="activation bits", color="#ff7f0e")
-    top.set_ylabel("bits")
-    top.grid(axis="y", alpha=0.3)
-    top.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize=8, frameon=False)
-    top.set_ylim(0, max([r.weight_bits for r in rows] + [r.act_bits for r in rows] + [8]) * 1.08)
-    bottom.bar(x - bar / 2, [max(r.params, 1) for r in rows], bar, label="params", color="#2ca02c")
-    bottom.bar(x + bar / 2, [max(r.macs or 1, 1) for r in rows], bar, label="MACs", color="#9467bd")
-    bottom.set_yscale("log")
-    bottom.set_ylabel("count (log)")
-    bottom.grid(axis="y", alpha=0.3)
-    bottom.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize=8, frameon=False)
-    labels = [f"{i} {_label(r.name)}" for i, r in enumerate(rows)]
-    bottom.set_xticks(x, labels, rotation=90, fontsize=7)
-    top.set_xticks(x, [str(i) for i in x], fontsize=7)  # layer index here, full names below
-    for axes in (top, bottom):
-        axes.set_xlim(-0.7, len(rows) - 0.3)
-    fig.suptitle(f"{Path(report.source).name}: {len(rows)} layers, "
-                 f"{format_count(report.total_params)} params, "
-                 f"{format_count(report.total_macs)} MACs\navg weight bits "
-                 f"{report.avg_weight_bits:.2f}, avg activation bits {report.avg_act_bits:.2f}, "
-                 f"avg bits {report.avg_bits:.2f}", fontsize=11)
-    return save_png(fig, path)
-
-
-def save_png(fig: Any, path: str | Path | None = None) -> bytes:
-    """Render a matplotlib figure to PNG bytes (100 dpi); also write them atomically to ``path``."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    data = buffer.getvalue()
-    if path is not None:
-        write_bytes_atomic(data, path)
-    return data
-
-
-def to_html(report: ModelReport, png: str | Path | bytes | None = None) -> str:
-    """Return one self-contained HTML page: totals, the plot (base64 PNG) and the layer table.
-
-    The PNG is read from ``png`` (a path or bytes) or rendered in memory when ``png`` is None.
-    """
-    data = png if isinstance(png, bytes) else Path(png).read_bytes() if png else plot(report)
-    image = base64.b64encode(data).decode("ascii")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
-    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                     for row in report.rows())
-    totals = "".join(f"<li>{html.escape(s)}</li>" for s in report.summary_lines())
-    title = html.escape(f"onnxbits report: {report.source}")
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}td{text-align:right}"
-             "td:nth-child(2),td:nth-child(3){text-align:left}img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{style}</style></head><body>\n<h1>{title}</h1>\n<ul>{totals}</ul>\n"
-            f"<img alt='bits per layer' src=\"data:image/png;base64,{image}\">\n"
-            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n"
-            "</body></html>\n")

@@ -11,15 +11,15 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from onnxbits.cli.compare import compare_command
 from PIL import Image
 
-from onnxbits.cli.compare import compare_command
 from onnxbits.compare import Comparison, LayerPair, compare_models, match_layers
 from onnxbits.data import PRESETS, decode_images, load_image_set
 from onnxbits.evaluate import evaluate_model
 from onnxbits.report import analyze_model
 from tests import builders
-from tests.test_cli_eval import image_folder
+from tests.builders import image_folder
 from tests.test_report import quantize_layer
 
 
@@ -58,7 +58,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return image_folder(tmp_path_factory.mktemp("data") / "images")
+    return image_folder(tmp_path_factory.mktemp("data") / "images", classes=10, per_class=3)
 
 
 def renamed(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:

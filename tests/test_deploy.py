@@ -21,10 +21,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxbits.cli.emit import pack_command, unpack_command
+from onnxbits.cli.report import report_command
 from onnxbits.deploy import bias_scale, limit_clip_alphas, planned_outputs, prepare_ort
 from onnxbits.emit import METADATA_KEY, emit
 from onnxbits.errors import InvalidModelError
-from onnxbits.fusion import count_fusion, optimized_model
+from onnxbits.ortgraph import count_fusion, optimized_model
 from onnxbits.importer import convert, find_sites
 from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
 from onnxbits.normalize import normalize
@@ -83,11 +84,29 @@ def mobile_block(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
     return b.model(["N", 3, 8, 8], "logits", ["N", classes])
 
 
+def bottleneck_block(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """EfficientNet-style stem and blocks: a stride-2 Conv with asymmetric pads (split into a
+    Pad on the graph input by normalisation), a linear 1x1 projection read directly by the next
+    1x1 expansion (Conv -> Conv), GAP -> Flatten -> Gemm."""
+    b = _Builder(seed)
+    w = b.weight("stem.weight", (8, 3, 3, 3), fan_in=27)
+    bias = b.init("stem.bias", b.rng.normal(0, 0.1, 8).astype(np.float32))
+    x = b.node("Conv", ["input", w, bias], name="stem", kernel_shape=[3, 3], strides=[2, 2],
+               pads=[0, 0, 1, 1])
+    x = b.node("Relu", [x], name="stem_relu")
+    x = b.conv(x, 8, 4, k=1, name="project")
+    x = b.node("Relu", [b.conv(x, 4, 16, k=1, name="expand")], name="expand_relu")
+    x = b.node("GlobalAveragePool", [x], name="gap")
+    x = b.node("Flatten", [x], name="flatten", axis=1)
+    b.gemm(x, 16, classes, name="fc")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes])
+
+
 MODELS = {"residual_block": residual_block, "shortcut_block": shortcut_block,
-          "mobile_block": mobile_block, "conv_relu_gemm": conv_relu_gemm,
-          "matmul_mlp": matmul_mlp}
+          "mobile_block": mobile_block, "bottleneck_block": bottleneck_block,
+          "conv_relu_gemm": conv_relu_gemm, "matmul_mlp": matmul_mlp}
 RESIDUAL_ADDS = {"residual_block": 1, "shortcut_block": 1, "mobile_block": 1,
-                 "conv_relu_gemm": 0, "matmul_mlp": 0}
+                 "bottleneck_block": 0, "conv_relu_gemm": 0, "matmul_mlp": 0}
 
 
 @dataclass
@@ -149,7 +168,26 @@ def test_every_quantized_layer_is_fused_in_the_ort_target(name: str) -> None:
     assert counts.fused_layers == len(t.net.sites), counts.ops
     assert counts.float_quantized_layers == 0 and counts.float_layers == 0, counts.ops
     assert counts.ops.get("QLinearAdd", 0) == RESIDUAL_ADDS[name], counts.ops
-    assert counts.dequantize <= 1, counts.ops  # only a float Pad on the shortcut keeps a DQ
+    assert counts.dequantize == 0, counts.ops
+
+
+def test_quantizers_of_padded_tensors_move_before_the_pad() -> None:
+    """``Q(pad_0(x)) = pad_0(Q(x))``: the quantizer reads x, so the Pad can leave the graph."""
+    assert trained("mobile_block").prepared["hoisted"] == ["expand_relu6_out"]
+    assert trained("bottleneck_block").prepared["hoisted"] == ["input"]
+    assert trained("residual_block").prepared["hoisted"] == []
+    t = trained("mobile_block")
+    assert "dw_pad_out" not in t.net.acts and t.net.layer_act["depthwise"] == "expand_relu6_out"
+    for name in ("mobile_block", "bottleneck_block"):  # the rewired graph still pads
+        model = normalize(MODELS[name]())
+        graph = convert(model)
+        net = attach_quantizers(model, graph, find_sites(model, graph))
+        assert prepare_ort(model, net)["hoisted"]
+        for q in net.quantizers():
+            q.enabled = False
+        x = random_input(model, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), graph(x), rtol=0, atol=1e-5)
 
 
 def test_output_quantizers_are_placed_where_fusion_needs_them() -> None:
@@ -174,19 +212,55 @@ def test_ort_structure(name: str) -> None:
     info = meta(model)
     init = inits(model)
     counts = Counter(n.op_type for n in model.graph.node)
-    requant = info["requantized"]
+    requant, pads = info["requantized"], info["pads"]
     biases = [s for s in t.net.sites if info["layers"][s.node]["bias"] == "int32"]
     assert len(biases) == len(t.prepared["int32_bias"]) == len(t.net.sites)
-    assert counts["QuantizeLinear"] == len(t.net.acts) + len(requant), show(model)
-    assert counts["DequantizeLinear"] == len(t.net.sites) + len(biases) + len(t.net.acts) + \
-        len(requant), show(model)
+    pad_inputs = {n.input[0] for n in t.model.graph.node if n.op_type == "Pad" and n.output[0] in pads}
+    q_inputs = Counter(n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert max(q_inputs.values()) == 1, show(model)
+    expected = (set(t.net.acts) | set(requant)) - set(pads)
+    assert expected <= set(q_inputs) and set(q_inputs) - expected <= pad_inputs, show(model)
+    weight_dqs = sum(n.op_type == "DequantizeLinear" and n.input[0] in init for n in model.graph.node)
+    assert weight_dqs == len(t.net.sites) + len(biases)
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in init):
+        assert producer(model, dq.input[0]).op_type in ("QuantizeLinear", "Pad"), show(model)
+    assert counts["Pad"] == sum(v == "integer" for v in pads.values())
     assert counts["Clip"] == sum(n.op_type == "Clip" for n in t.model.graph.node)  # ReLU6 only
     for q_node in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
         zero = init[q_node.input[2]]
         assert zero.data_type == TensorProto.UINT8
-        tensor = q_node.input[0]
+        tensor = next((p.output[0] for p in t.model.graph.node if p.op_type == "Pad" and
+                       p.input[0] == q_node.input[0] and p.output[0] in pads), q_node.input[0])
         source = t.net.acts.get(tensor) or t.net.acts[requant[tensor]]
         assert int(numpy_helper.to_array(zero)) == (128 if source.signed else 0), tensor
+
+
+def test_zero_pads_leave_the_float_path() -> None:
+    """A Pad before a Conv joins the Conv's pads; a Pad between Q/DQ on one grid runs on uint8."""
+    source = {n.name: n for n in trained("mobile_block").model.graph.node}
+    model = emitted("mobile_block", "ort")
+    assert meta(model)["pads"] == {"dw_pad_out": "conv"}
+    dw = next(n for n in model.graph.node if n.name == "depthwise")
+    pads = numpy_helper.to_array(inits(trained("mobile_block").model)["dw_pads"]).tolist()
+    old = list(next((a.ints for a in source["depthwise"].attribute if a.name == "pads"), [0] * 4))
+    assert list(next(a.ints for a in dw.attribute if a.name == "pads")) == \
+        [a + b for a, b in zip(old, pads[2:4] + pads[6:], strict=True)]
+    assert producer(model, dw.input[0]).op_type == "DequantizeLinear"
+    assert producer(model, producer(model, dw.input[0]).input[0]).op_type == "QuantizeLinear"
+    model = emitted("shortcut_block", "ort")
+    assert meta(model)["pads"] == {"shortcut_pad_out": "integer"}
+    pad = next(n for n in model.graph.node if n.op_type == "Pad")
+    assert producer(model, pad.input[0]).op_type == "QuantizeLinear"
+    assert inits(model)[pad.input[2]].data_type == TensorProto.UINT8
+    assert pad.input[2] == producer(model, pad.input[0]).input[2]  # pads with the zero point
+    model = emitted("bottleneck_block", "ort")  # the Pad normalisation split off the stem
+    assert meta(model)["pads"] == {"stem_padded_input": "conv"}
+    stem = next(n for n in model.graph.node if n.name == "stem")
+    assert list(next(a.ints for a in stem.attribute if a.name == "pads")) == [0, 0, 1, 1]
+    assert producer(model, producer(model, stem.input[0]).input[0]).input[0] == "input"
+    for name in ("mobile_block", "shortcut_block", "bottleneck_block"):
+        ops = count_fusion(optimized_model(emitted(name, "ort"))).ops
+        assert "DequantizeLinear" not in ops and ops.get("Pad", 0) <= 1, ops
 
 
 @names
@@ -241,15 +315,16 @@ def test_relu6_fuses_only_with_the_clip_value_inside_the_clip_range() -> None:
             q.log_alpha.copy_(saved)
 
 
-def test_relu6_before_a_pad_limits_the_quantizer_after_the_pad() -> None:
-    """Clip(0, 6) -> Pad -> depthwise: the Pad output's quantizer must stay inside the Clip."""
+def test_relu6_before_a_pad_limits_the_quantizer_of_the_padded_tensor() -> None:
+    """Clip(0, 6) -> Pad -> depthwise: the depthwise input's quantizer (moved before the Pad)
+    must stay inside the Clip."""
     t = trained("mobile_block")
-    q = t.net.acts["dw_pad_out"]
+    q = t.net.acts["expand_relu6_out"]
     saved = q.log_alpha.detach().clone()
     try:
         with torch.no_grad():
             q.log_alpha.fill_(float(np.log(8.0)))
-        assert limit_clip_alphas(t.model, t.net) == ["dw_pad_out"]
+        assert limit_clip_alphas(t.model, t.net) == ["expand_relu6_out"]
         counts = count_fusion(optimized_model(emit(t.model, t.net, "ort")))
         assert counts.fused_layers == len(t.net.sites), counts.ops
     finally:
@@ -359,12 +434,38 @@ def test_metadata_separates_learned_stored_and_executed_bits(name: str, target: 
         assert entry["act_bits"] == int(act.frozen_bits[0])
         assert entry["act_exec_bits"] == (entry["act_bits"] if target == "exact-sim" else 8)
     roles = {tensor: e["role"] for tensor, e in info["tensors"].items()}
-    assert {t_ for t_, r in roles.items() if r == "output"} == set(t.prepared["output_quantizers"])
-    report = analyze_model(graph_view(model))
+    read = set(t.net.layer_act.values())  # an added 8-bit quantizer a layer reads is its input
+    assert {t_ for t_, r in roles.items() if r == "output"} == \
+        set(t.prepared["output_quantizers"]) - read
+    report = analyze_model(model)  # a pack model is read through its graph view
+    assert [r.name for r in report.layers] == [s.node for s in t.net.sites]
     for row in report.layers:
-        assert row.bits_from == "metadata"
-        assert row.weight_container_bits == info["layers"][row.name]["weight_container_bits"]
-        assert row.act_exec_bits == info["layers"][row.name]["act_exec_bits"]
+        entry = info["layers"][row.name]
+        assert row.bits_from == "metadata" and row.weight_bits == entry["weight_bits"]
+        assert row.weight_container_bits == entry["weight_container_bits"]
+        assert (row.act_bits, row.act_exec_bits) == (entry["act_bits"], entry["act_exec_bits"])
+        assert row.act_container_bits == 8
+    assert {r.tensor: (r.role, r.bits, r.container_bits, r.exec_bits) for r in report.tensors} \
+        == {name: (e["role"], e["bits"], 8, e["exec_bits"]) for name, e in info["tensors"].items()}
+    assert {r.tensor for r in report.tensors} == set(t.net.acts)
+    assert report.model_file_bytes == model.ByteSize()
+    assert report.stored_weight_bytes == sum(
+        -(-r.params * r.weight_container_bits // 8) for r in report.layers)
+
+
+@names
+def test_report_reads_a_pack_model_like_its_graph_view(name: str) -> None:
+    packed = emitted(name, "pack")
+    view = graph_view(packed)
+    assert graph_view(view) is view  # already unpacked: unchanged
+    assert meta(packed)["pack"]["weights"]  # the bits are below 8: something is packed
+    with pytest.raises(InvalidModelError, match="unpacked already"):
+        unpack_model(view)
+    direct, twice = analyze_model(packed), analyze_model(view)
+    assert direct.layers == twice.layers and direct.tensors == twice.tensors
+    ort_report = analyze_model(emitted(name, "ort"))
+    assert [r.weight_bits for r in direct.layers] == [r.weight_bits for r in ort_report.layers]
+    assert direct.stored_weight_bytes < ort_report.stored_weight_bytes
 
 
 # ---- pack target -----------------------------------------------------------------------------
@@ -387,6 +488,11 @@ def test_pack_containers_and_opset(name: str) -> None:
             assert w["format"] == "bits" and w["bits"] == max(bits, 2)
             stream = init[f"onnxbits_unpack/{q_name}"]
             assert stream.data_type == TensorProto.UINT8 and stream.dims[1] == w["bits"]
+    added = Counter(f"Unpack{w['bits']}" for w in info["pack"]["weights"].values()
+                    if w["format"] == "bits")
+    added["Mul"] += len(info["pack"]["bias_scales"])
+    expected = Counter(n.op_type for n in emitted(name, "ort").graph.node) + added
+    assert Counter(n.op_type for n in model.graph.node) == expected
 
 
 @names
@@ -410,9 +516,17 @@ def test_packed_weights_take_at_most_1_1_times_their_learned_bits(name: str) -> 
             assert len(tensor.raw_data) <= 1.1 * bits / 32 * float_bytes + w["bits"], q_name
 
 
-def test_packed_model_runs_on_fused_kernels_after_constant_folding() -> None:
-    counts = count_fusion(optimized_model(emitted("residual_block", "pack")))
-    assert counts.fused_layers == len(trained("residual_block").net.sites), counts.ops
+@names
+def test_packed_model_runs_on_fused_kernels_after_constant_folding(name: str) -> None:
+    """Bit streams and derived bias scales fold to constants; int4 Conv weights stay unfused."""
+    model = emitted(name, "pack")
+    info = meta(model)
+    int4 = sum(w["format"] == "int4" for w in info["pack"]["weights"].values())
+    assert info["pack"]["bias_scales"]  # every int32 bias scale is s_in * s_w: stored once
+    assert not set(info["pack"]["bias_scales"]) & set(inits(model))
+    counts = count_fusion(optimized_model(model))
+    assert counts.fused_layers == len(trained(name).net.sites) - int4, counts.ops
+    assert counts.fused_layers + counts.float_quantized_layers == len(trained(name).net.sites)
 
 
 def test_bit_stream_round_trip() -> None:
@@ -445,6 +559,13 @@ def test_cli_pack_and_unpack(tmp_path) -> None:
     assert (tmp_path / "m.ort.onnx").read_bytes() == ort_path.read_bytes()
     result = runner.invoke(unpack_command, [str(ort_path)])
     assert result.exit_code == 1 and "unpack needs an onnxbits 'pack' model" in result.output
+    result = runner.invoke(report_command, [str(tmp_path / "m.pack.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stored = meta(emitted("residual_block", "pack"))["layers"]
+    assert [r["weight_container_bits"] for r in report["layers"]] == \
+        [stored[r["name"]]["weight_container_bits"] for r in report["layers"]]
+    assert report["model_file_bytes"] == (tmp_path / "m.pack.onnx").stat().st_size
     for command in (pack_command, unpack_command):
         assert command.help and runner.invoke(command, ["--help"]).exit_code == 0
 

@@ -44,6 +44,12 @@ EXPECTED_SITES = {
                       ("conv_a", "Conv", "shared.weight", "relu1_out", 0, False, 1, False),
                       ("conv_b", "Conv", "shared.weight", "relu_a_out", 0, False, 1, False),
                       ("fc", "Gemm", "fc.weight", "flatten_out", 0, False, 1, True)],
+    "linear_bottleneck": [("stem", "Conv", "stem.weight", "input", 0, False, 1, True),
+                          ("project", "Conv", "project.weight", "stem_relu6_out", 0, False, 1, True),
+                          ("expand", "Conv", "expand.weight", "project_out", 0, False, 1, True),
+                          ("dwconv", "Conv", "dwconv.weight", "expand_relu6_out", 0, False, 12,
+                           True),
+                          ("fc", "Gemm", "fc.weight", "flatten_out", 0, False, 1, True)],
 }
 
 

@@ -17,6 +17,7 @@ from onnxbits.errors import InvalidModelError
 from onnxbits.report import (
     METADATA_KEY,
     ModelReport,
+    TensorReport,
     analyze_model,
     layer_entry,
     plot,
@@ -127,6 +128,35 @@ def test_bits_inferred_without_metadata(clip: bool, act_bits: int, exec_bits: in
     assert (conv.weight_bits, conv.weight_container_bits) == (3, 8)  # 3-bit grid in int8 reads 3
     assert (conv.act_bits, conv.act_exec_bits) == (act_bits, exec_bits)
     assert conv.bits_from == "graph" and conv.weight_quantized and conv.act_quantized
+
+
+@pytest.mark.parametrize("clip, exec_bits", [(False, 8), (True, 3)], ids=["qdq", "qcdq"])
+def test_activation_tensors_learned_stored_executed(clip: bool, exec_bits: int) -> None:
+    """Without a ``tensors`` entry in the metadata, every Q -> [Clip] -> DQ is read from the graph."""
+    model = quantize_layer(builders.conv_relu_gemm(), bits=3, act_bits=3, clip=clip,
+                           metadata=False)
+    report = analyze_model(model)
+    assert report.tensors == [TensorReport("input", "input", exec_bits, 8, exec_bits, True)]
+    conv, rest = report.layers[0], report.layers[1:]
+    assert (conv.act_bits, conv.act_container_bits, conv.act_exec_bits) == (exec_bits, 8, exec_bits)
+    assert all(r.act_container_bits == 32 for r in rest)  # float inputs
+    line = f"activations (input): 1 learned at {exec_bits} bits, stored in 8, executed at {exec_bits}"
+    assert line in report.summary_lines()
+    assert "| A stored |" in report.to_markdown().splitlines()[0]
+
+
+def test_metadata_tensors_are_authoritative() -> None:
+    model = quantize_layer(builders.conv_relu_gemm(), bits=3, act_bits=3, clip=True)
+    meta = read_metadata(model)
+    meta["tensors"] = {"input": {"role": "input", "bits": 3, "exec_bits": 8, "signed": True,
+                                 "container_bits": 8},
+                       "relu2_out": {"role": "output", "bits": 8, "exec_bits": 8,
+                                     "signed": False, "container_bits": 8}}
+    next(p for p in model.metadata_props if p.key == METADATA_KEY).value = json.dumps(meta)
+    report = analyze_model(model)
+    assert [(t.tensor, t.role, t.bits, t.exec_bits) for t in report.tensors] == \
+        [("input", "input", 3, 8), ("relu2_out", "output", 8, 8)]
+    assert ModelReport.from_dict(json.loads(report.to_json())) == report
 
 
 def test_metadata_is_authoritative() -> None:
