@@ -99,9 +99,10 @@ class _ProgressView:
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="bits", show_default=True,
               help="Bit cost: bits = average per-layer bitlength, memory = bits per weight "
                    "(size-weighted), bops = MACs x weight bits x activation bits.")
-@click.option("--loss", type=click.Choice(LOSSES), default="kd", show_default=True,
+@click.option("--loss", type=click.Choice(LOSSES), default="auto", show_default=True,
               help="Task loss: kd = distillation from the float model (no labels needed), "
-                   "ce = cross-entropy on labels, kd+ce = both.")
+                   "ce = cross-entropy on labels, kd+ce = both; auto = kd+ce when the data "
+                   "has labels, else kd.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")

@@ -11,7 +11,7 @@ from onnxbits.emit import TARGETS
 from onnxbits.errors import ConfigError
 from onnxbits.quant.quantizer import ROUNDINGS
 
-LOSSES = ("kd", "ce", "kd+ce")
+LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
 
@@ -41,7 +41,7 @@ class ShrinkConfig:
     target_bops_g: float | None = None
     max_drop: float | None = None
     objective: str = "bits"
-    loss: str = "kd"
+    loss: str = "auto"
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -56,6 +56,12 @@ class ShrinkConfig:
     checkpoint_every: int = 50
     resume: bool = False
     skip_unsupported: bool = True
+
+    def task_loss(self, has_labels: bool) -> str:
+        """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``."""
+        if self.loss == "auto":
+            return "kd+ce" if has_labels else "kd"
+        return self.loss
 
     def budget_objective(self) -> str | None:
         """The objective a budget option implies (None without a budget)."""

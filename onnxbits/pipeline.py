@@ -124,7 +124,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     if split["bad_images"]:
         warnings.append(f"skipped {split['bad_images']} unreadable image(s) in {cfg.data}; "
                         "remove or re-encode them")
-    if cfg.loss != "kd" and not train.has_labels:
+    loss = cfg.task_loss(train.has_labels)
+    if loss != "kd" and not train.has_labels:
         raise ConfigError(f"--loss {cfg.loss} needs labels but {cfg.data} has none; use --loss kd")
     if min(cfg.batch_size, len(train)) < ctx.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (with {len(train)} fine-tune images) is "
@@ -148,7 +149,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     objective, budget = budget_target(cfg, net)
     tcfg = TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, alpha_lr=cfg.alpha_lr, bits_lr=cfg.bits_lr, lam=cfg.lam,
-                       objective=objective, loss=cfg.loss, seed=cfg.seed, amp=cfg.amp_dtype())
+                       objective=objective, loss=loss, seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
@@ -184,7 +185,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         emit_event(on_event, "stage", name="accuracy guard")
         retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
                                  batch_size=cfg.batch_size, lr=cfg.lr, alpha_lr=cfg.alpha_lr,
-                                 loss=cfg.loss, seed=cfg.seed + 1, amp=cfg.amp_dtype())
+                                 loss=loss, seed=cfg.seed + 1, amp=cfg.amp_dtype())
 
         def retune() -> None:
             net.graph.to(ctx.device)
@@ -205,6 +206,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
     emit_event(on_event, "stage", name="evaluate")
     report = build_report(cfg, emitted, net, evaluation, float_eval, ctx.device)
+    report["config"]["task_loss"] = loss
     report.update(
         model=str(model_path), output=str(output), data=split,
         verification=verification.to_dict(), guard=guard, warnings=warnings,

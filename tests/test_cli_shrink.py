@@ -318,3 +318,13 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     layers = report["layers"]
     for end in (layers[0], layers[-1]):
         assert (end["weight_bits"], end["act_bits"]) == (8, 8)
+
+
+def test_auto_loss_uses_labels_when_there_are_some(workspace: Path, tmp_path: Path) -> None:
+    labelled = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                      "-o", tmp_path / "a.onnx")
+    unlabelled = shrink(workspace / "model.onnx", "--data", flat_folder(tmp_path / "flat", 20),
+                        *FAST, "--json", "-o", tmp_path / "b.onnx")
+    assert labelled.exit_code == 0 and unlabelled.exit_code == 0, unlabelled.output
+    assert json.loads(labelled.stdout)["config"]["task_loss"] == "kd+ce"
+    assert json.loads(unlabelled.stdout)["config"]["task_loss"] == "kd"
