@@ -93,7 +93,7 @@ def runtime_info(ctx: DistContext, amp: str, cpu: dict[str, object], steps: int,
     return {"device": str(ctx.device), "device_name": device_name(ctx.device), "amp": amp,
             "world_size": ctx.world, "backend": ctx.backend, "torch": torch.__version__,
             "cpu": cpu, "images_on_device": resident,
-            "fine_tune": {"steps": steps, "batch_size": images, "seconds": round(seconds, 3),
+            "fine_tune": {"steps": steps, "batch_size": images, "seconds": round(seconds, 6),
                           "images_per_second": round(steps * images / seconds, 2)
                           if seconds > 0 else None}}
 
