@@ -121,8 +121,7 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
     description of every group moved off its rounded value.
     """
     quantizers = [q for q in net.quantizers() if not q.frozen]
-    names = {id(layer.wq): f"{node} (weights)" for node, layer in net.layers.items()}
-    names.update({id(q): f"{tensor} (activation)" for tensor, q in net.acts.items()})
+    names = {id(q): name for name, q in net.named_quantizers()}
     fractional = {id(q): q.bits.detach().clone() for q in quantizers}
     for q in quantizers:
         q.freeze()

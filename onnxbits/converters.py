@@ -277,20 +277,11 @@ class ConstSlice(nn.Module):
         return x[self.index]
 
 
-def _initializer_ints(node: OnnxNode, graph: OnnxGraph, index: int) -> list[int] | None:
-    if len(node.input_values) <= index or not node.input_values[index]:
-        return None
-    name = node.input_values[index]
-    if name not in graph.initializers:
-        raise LookupError(name)
-    return [int(v) for v in graph.initializers[name].to_torch().reshape(-1).tolist()]
-
-
 def _slice(fallback: Converter) -> Converter:
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         try:
-            starts, ends, axes, steps = (_initializer_ints(node, graph, i) for i in range(1, 5))
-        except LookupError:
+            starts, ends, axes, steps = (_const(node, graph, i) for i in range(1, 5))
+        except NotImplementedError:          # a computed (not constant) argument
             return fallback(node, graph)
         axes = list(range(len(starts))) if axes is None else axes
         steps = [1] * len(starts) if steps is None else steps

@@ -23,12 +23,6 @@ from onnxbits.insert import QuantizedNetwork
 from onnxbits.quant.quantizer import BitQuantizer
 
 
-def _groups(net: QuantizedNetwork) -> list[tuple[str, BitQuantizer]]:
-    out = [(f"{node} (weights)", layer.wq) for node, layer in net.layers.items()]
-    out += [(f"{tensor} (activation)", q) for tensor, q in net.acts.items()]
-    return out
-
-
 @torch.no_grad()
 def _kl(net: QuantizedNetwork, batches: list[Tensor], teachers: list[Tensor]) -> float:
     total = 0.0
@@ -45,7 +39,7 @@ def sensitivities(net: QuantizedNetwork, batches: list[Tensor],
     """``(gain, name, quantizer)`` for every group below max bits, largest gain first."""
     base = _kl(net, batches, teachers)
     ranked = []
-    for name, q in _groups(net):
+    for name, q in net.named_quantizers():
         if bool((q.frozen_bits >= q.max_bits).all()):
             continue
         saved = q.frozen_bits.clone()

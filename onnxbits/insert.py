@@ -79,6 +79,12 @@ class QuantizedNetwork:
         """All quantizers: weights in site order, then activations."""
         return [layer.wq for layer in self.layers.values()] + list(self.acts.values())
 
+    def named_quantizers(self) -> list[tuple[str, BitQuantizer]]:
+        """``("<node> (weights)" | "<tensor> (activation)", quantizer)`` in :meth:`quantizers`
+        order: the names reports use for quantizer groups."""
+        return ([(f"{node} (weights)", layer.wq) for node, layer in self.layers.items()]
+                + [(f"{tensor} (activation)", q) for tensor, q in self.acts.items()])
+
     def bit_parameters(self) -> list[nn.Parameter]:
         """The learnable bitlengths."""
         return [q.bits for q in self.quantizers()]
@@ -154,9 +160,12 @@ def _fuse_producer(gm: fx.GraphModule, node: fx.Node, quantizer: BitQuantizer) -
 
 def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites: list[Site], *,
                       min_bits: int = 2, max_bits: int = 8, per_channel_bits: bool = False,
-                      quantize_acts: bool = True,
-                      fuse_activations: bool = True) -> QuantizedNetwork:
+                      quantize_acts: bool = True, fuse_activations: bool = True,
+                      rounding: str = "interp") -> QuantizedNetwork:
     """Deep-copy ``float_graph`` and attach weight and activation quantizers at ``sites``.
+
+    ``rounding`` is how every quantizer treats its fractional bitlength while it is learned
+    (:class:`onnxbits.quant.quantizer.BitQuantizer`).
 
     ``fuse_activations`` lets activation quantizers absorb the Relu/Relu6 that produces their
     tensor (module docstring); the outputs and gradients are the same either way.
@@ -179,7 +188,7 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
         axis = 1 if site.op == "MatMul" else 0
         wq = BitQuantizer(signed=True, narrow=True, num_channels=weight.shape[axis],
                           channel_axis=axis, per_channel_bits=per_channel_bits,
-                          min_bits=min_bits, max_bits=max_bits)
+                          min_bits=min_bits, max_bits=max_bits, rounding=rounding)
         reduce_dims = [d for d in range(weight.dim()) if d != axis]
         wq.init_alpha(weight.detach().abs().amax(dim=reduce_dims))
         layer = QuantWeightLayer(site, module, wq, matmul_weight)
@@ -198,7 +207,8 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
             if producer is None:
                 continue
             quantizer = BitQuantizer(signed=not is_unsigned_tensor(model, site.input),
-                                     min_bits=min_bits, max_bits=max_bits)
+                                     min_bits=min_bits, max_bits=max_bits,
+                                     rounding=rounding)
             name = f"onnxbits_act_{len(acts)}"
             gm.add_submodule(name, quantizer)
             with gm.graph.inserting_after(producer):

@@ -136,9 +136,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
     check_labels(train, teacher_train.shape[1])
     net = attach_quantizers(model, float_graph, sites, min_bits=cfg.min_bits,
-                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel")
-    for q in net.quantizers():
-        q.rounding = cfg.bit_rounding
+                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel",
+                            rounding=cfg.bit_rounding)
     calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
              for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
     if cfg.target in ("ort", "pack"):

@@ -8,6 +8,8 @@ goes from microseconds to milliseconds).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -78,16 +80,32 @@ def make_input() -> Callable[..., torch.Tensor]:
     return random_input
 
 
-def calibrated_network(model: onnx.ModelProto, batch: int = 64
-                       ) -> tuple[QuantizedNetwork, torch.Tensor, torch.Tensor]:
-    """``model`` normalised, imported and quantized, calibrated on a seeded input of ``batch``
-    samples: ``(net, x, teacher logits of the float graph)``."""
+@dataclass
+class Calibrated:
+    """A builder model ready to fine-tune: the normalised model, its quantized network, a
+    seeded input and the float graph's logits on it."""
+
+    model: onnx.ModelProto
+    net: QuantizedNetwork
+    x: torch.Tensor
+    teacher: torch.Tensor
+
+
+def calibrated_network(model: onnx.ModelProto, batch: int = 64,
+                       prepare: Callable[[onnx.ModelProto, QuantizedNetwork], object] | None = None,
+                       **attach_options: Any) -> Calibrated:
+    """``model`` normalised, imported, quantized (``attach_options`` go to
+    :func:`attach_quantizers`), passed to ``prepare(model, net)`` if given (e.g.
+    :func:`onnxbits.deploy.prepare_ort`), then calibrated on a seeded input of ``batch``
+    samples split in two halves."""
     torch.manual_seed(0)
     model = normalize(model)
     graph = convert(model)
-    net = attach_quantizers(model, graph, find_sites(model, graph))
+    net = attach_quantizers(model, graph, find_sites(model, graph), **attach_options)
+    if prepare is not None:
+        prepare(model, net)
     x = random_input(model, batch)
     with torch.no_grad():
         teacher = graph(x)
     calibrate(net, [x[: batch // 2], x[batch // 2:]])
-    return net, x, teacher
+    return Calibrated(model, net, x, teacher)

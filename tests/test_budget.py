@@ -18,7 +18,8 @@ from tests.conftest import calibrated_network
 
 
 def _net() -> tuple[QuantizedNetwork, torch.Tensor, torch.Tensor]:
-    return calibrated_network(residual_block())
+    c = calibrated_network(residual_block())
+    return c.net, c.x, c.teacher
 
 
 def _cost(net: QuantizedNetwork, objective: str) -> float:

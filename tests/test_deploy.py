@@ -19,23 +19,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxbits.cli.emit import pack_command, unpack_command
 from onnxbits.cli.report import report_command
+
 from onnxbits.deploy import bias_scale, limit_clip_alphas, planned_outputs, prepare_ort
 from onnxbits.emit import METADATA_KEY, emit
 from onnxbits.errors import InvalidModelError
-from onnxbits.ortgraph import count_fusion, optimized_model
 from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.insert import QuantizedNetwork, attach_quantizers
 from onnxbits.normalize import normalize
+from onnxbits.ortgraph import count_fusion, optimized_model
 from onnxbits.pack import graph_view, pack_bits, pack_model, unpack_bits, unpack_model
 from onnxbits.quant.ranges import qrange
 from onnxbits.report import analyze_model
 from onnxbits.train import TrainConfig, fine_tune
 from onnxbits.verify import verify
 from tests.builders import _Builder, conv_relu_gemm, matmul_mlp, residual_block
-from tests.conftest import ort_logits, random_input
+from tests.conftest import calibrated_network, ort_logits, random_input
 
 DEPLOY_TARGETS = ("ort", "exact-sim", "pack")
 
@@ -119,19 +119,13 @@ class Trained:
 
 @cache
 def trained(name: str) -> Trained:
-    torch.manual_seed(0)
-    model = normalize(MODELS[name]())
-    graph = convert(model)
-    net = attach_quantizers(model, graph, find_sites(model, graph))
-    prepared = prepare_ort(model, net)
-    x = random_input(model, 64)
-    with torch.no_grad():
-        teacher = graph(x)
-    calibrate(net, [x[:32], x[32:]])
-    fine_tune(net, lambda idx: (x[idx], None), teacher, len(x),
+    prepared: dict[str, list[str]] = {}
+    c = calibrated_network(MODELS[name](),
+                           prepare=lambda model, net: prepared.update(prepare_ort(model, net)))
+    fine_tune(c.net, lambda idx: (c.x[idx], None), c.teacher, len(c.x),
               TrainConfig(steps=20, batch_size=16, lam=0.5))
-    limit_clip_alphas(model, net)
-    return Trained(model, net, x, prepared)
+    limit_clip_alphas(c.model, c.net)
+    return Trained(c.model, c.net, c.x, prepared)
 
 
 @cache
@@ -472,7 +466,6 @@ def test_report_reads_a_pack_model_like_its_graph_view(name: str) -> None:
 
 @names
 def test_pack_containers_and_opset(name: str) -> None:
-    t = trained(name)
     model = emitted(name, "pack")
     info = meta(model)
     opset = next(o.version for o in model.opset_import if o.domain == "")

@@ -20,14 +20,14 @@ from onnx import TensorProto, numpy_helper
 
 from onnxbits.emit import METADATA_KEY, TARGETS, emit
 from onnxbits.errors import VerificationError
-from onnxbits.importer import convert, find_sites, is_unsigned_tensor
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.importer import is_unsigned_tensor
+from onnxbits.insert import QuantizedNetwork
 from onnxbits.normalize import normalize
 from onnxbits.quant.ranges import qrange
 from onnxbits.train import TrainConfig, fine_tune
 from onnxbits.verify import verify
 from tests.builders import ALL_BUILDERS
-from tests.conftest import ort_logits, random_input
+from tests.conftest import calibrated_network, ort_logits
 
 BUILDERS = list(ALL_BUILDERS)
 # ONNX Runtime's full optimizations quantize a float Conv/Gemm bias to int32 at scale
@@ -45,17 +45,10 @@ class Trained:
 
 @cache
 def trained(name: str) -> Trained:
-    torch.manual_seed(0)
-    model = normalize(ALL_BUILDERS[name]())
-    graph = convert(model)
-    net = attach_quantizers(model, graph, find_sites(model, graph))
-    x = random_input(model, 64)
-    with torch.no_grad():
-        teacher = graph(x)
-    calibrate(net, [x[:32], x[32:]])
-    fine_tune(net, lambda idx: (x[idx], None), teacher, len(x),
+    c = calibrated_network(ALL_BUILDERS[name]())
+    fine_tune(c.net, lambda idx: (c.x[idx], None), c.teacher, len(c.x),
               TrainConfig(steps=20, batch_size=16, lam=0.5))
-    return Trained(model, net, x)
+    return Trained(c.model, c.net, c.x)
 
 
 @cache

@@ -11,7 +11,8 @@ from tests.conftest import calibrated_network
 
 
 def _frozen_net(bits: int = 2) -> tuple[QuantizedNetwork, torch.Tensor, torch.Tensor]:
-    net, x, teacher = calibrated_network(residual_block())
+    c = calibrated_network(residual_block())
+    net, x, teacher = c.net, c.x, c.teacher
     for q in net.quantizers():
         q.freeze(torch.tensor(float(bits)))
     return net, x, teacher

@@ -2,41 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
 from onnxbits.emit import emit
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
-from onnxbits.normalize import normalize
 from onnxbits.train import StepRecord, TrainConfig, batch_indices, fine_tune, task_loss
 from onnxbits.verify import verify
 from tests.builders import conv_relu_gemm
-from tests.conftest import random_input
+from tests.conftest import Calibrated, calibrated_network
 
-
-@dataclass
-class Setup:
-    model: object
-    net: QuantizedNetwork
-    x: torch.Tensor
-    teacher: torch.Tensor
+Setup = Calibrated
 
 
 def setup(min_bits: int = 2, max_bits: int = 8, classes: int = 10) -> Setup:
-    torch.manual_seed(0)
-    model = normalize(conv_relu_gemm(classes=classes))
-    graph = convert(model)
-    net = attach_quantizers(model, graph, find_sites(model, graph), min_bits=min_bits,
-                            max_bits=max_bits)
-    x = random_input(model, 64)
-    with torch.no_grad():
-        teacher = graph(x)
-    calibrate(net, [x[:32], x[32:]])
-    return Setup(model, net, x, teacher)
+    return calibrated_network(conv_relu_gemm(classes=classes), min_bits=min_bits,
+                              max_bits=max_bits)
 
 
 def run(s: Setup, cfg: TrainConfig, **kwargs: object) -> list[StepRecord]:

@@ -132,8 +132,8 @@ class BitQuantizer(nn.Module):
             return frozen_quant(x, self.log_alpha, self._forward_bits(), axis, self.signed,
                                 self.narrow, self.input_clamp)
         if self.rounding == "ste":
-            return round_ste_quant(self.quantized_input(x), self.log_alpha, self.bits, axis,
-                                   self.min_bits, self.max_bits, self.signed, self.narrow)
+            return round_ste_quant(self.quantized_input(x), self.log_alpha,
+                                   self.effective_bits(), axis, self.signed, self.narrow)
         return learned_quant(x, self.log_alpha, self.bits, axis, self.min_bits, self.max_bits,
                              self.signed, self.narrow, self.input_clamp)
 
