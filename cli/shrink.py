@@ -14,7 +14,7 @@ from onnxbits.cli.options import preprocess_from_options, preprocess_options
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from onnxbits.config import AMP_CHOICES, GRANULARITIES, LOSSES, ROUNDINGS, ShrinkConfig
+from onnxbits.config import AMP_CHOICES, AUGMENTS, GRANULARITIES, LOSSES, ROUNDINGS, ShrinkConfig
 from onnxbits.cost import OBJECTIVES
 from onnxbits.emit import TARGETS
 
@@ -74,6 +74,11 @@ class _ProgressView:
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True,
               help="Adam learning rate of the weights and biases.")
+@click.option("--bias-lr", type=float, default=None,
+              help="Adam learning rate of the biases [default: --lr].")
+@click.option("--augment", type=click.Choice(AUGMENTS), default="none", show_default=True,
+              help="flip: fine-tune on each image and its horizontal mirror (teacher logits of "
+                   "both computed once); for natural images, not for text or digits.")
 @click.option("--alpha-lr", type=float, default=1e-2, show_default=True,
               help="Adam learning rate of the clip values (log-parametrised); 0 keeps the "
                    "calibrated min-max values.")
@@ -151,7 +156,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     from onnxbits.pipeline import shrink
 
     pre = preprocess_from_options(**options)
-    keys = ("steps", "frozen_steps", "batch_size", "lr", "alpha_lr", "bit_rounding", "pin_ends",
+    keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr", "bit_rounding", "pin_ends",
             "bits_lr", "lam", "objective", "loss",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",

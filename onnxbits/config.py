@@ -14,6 +14,7 @@ from onnxbits.quant.quantizer import ROUNDINGS
 LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
+AUGMENTS = ("none", "flip")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class ShrinkConfig:
     frozen_steps: int | None = None
     batch_size: int = 64
     lr: float = 1e-4
+    bias_lr: float | None = None
     alpha_lr: float = 1e-2
+    augment: str = "none"
     bit_rounding: str = "interp"
     pin_ends: bool = False
     bits_lr: float | None = None
@@ -86,6 +89,10 @@ class ShrinkConfig:
             (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
             (self.bits_lr is None or self.bits_lr >= 0, f"--bits-lr must be >= 0, got {self.bits_lr}"),
             (self.alpha_lr >= 0, f"--alpha-lr must be >= 0, got {self.alpha_lr}"),
+            (self.bias_lr is None or self.bias_lr >= 0,
+             f"--bias-lr must be >= 0, got {self.bias_lr}"),
+            (self.augment in AUGMENTS,
+             f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
             (self.bit_rounding in ROUNDINGS,
              f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),

@@ -65,6 +65,13 @@ class ImageTensors:
             out[:, c] = self._table[c][pixels[..., c]]
         return out
 
+    def with_mirrors(self) -> ImageTensors:
+        """Return the ``N`` images followed by their ``N`` horizontal mirrors (same labels)."""
+        images = np.concatenate([self.images, self.images[:, :, ::-1]])
+        files = self.files + self.files if self.files else None
+        return ImageTensors(images, np.concatenate([self.labels, self.labels]), self.has_labels,
+                            self.pre, files)
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageTensors:
         """Return the images at ``indices`` (copied)."""
         idx = np.asarray(indices, dtype=np.int64)

@@ -95,12 +95,15 @@ class QuantizedNetwork:
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Site weights and biases: the only float parameters that are fine-tuned."""
-        params: list[nn.Parameter] = []
-        for layer in self.layers.values():
-            params.append(layer.float_weight())
-            if layer.bias() is not None:
-                params.append(layer.bias())
-        return params
+        return [*self.kernel_parameters(), *self.bias_parameters()]
+
+    def kernel_parameters(self) -> list[nn.Parameter]:
+        """Site weights (without biases)."""
+        return [layer.float_weight() for layer in self.layers.values()]
+
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """Site biases (layers without a bias have none)."""
+        return [b for b in (layer.bias() for layer in self.layers.values()) if b is not None]
 
 
 def _unwrap_conv(module: nn.Module) -> nn.Module:

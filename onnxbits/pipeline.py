@@ -124,6 +124,9 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     if split["bad_images"]:
         warnings.append(f"skipped {split['bad_images']} unreadable image(s) in {cfg.data}; "
                         "remove or re-encode them")
+    if cfg.augment == "flip":
+        train = train.with_mirrors()
+        split["n_train_views"] = len(train)
     loss = cfg.task_loss(train.has_labels)
     if loss != "kd" and not train.has_labels:
         raise ConfigError(f"--loss {cfg.loss} needs labels but {cfg.data} has none; use --loss kd")
@@ -147,7 +150,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         pin_end_layers(net, cfg.max_bits)
     objective, budget = budget_target(cfg, net)
     tcfg = TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
-                       lr=cfg.lr, alpha_lr=cfg.alpha_lr, bits_lr=cfg.bits_lr, lam=cfg.lam,
+                       lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
+                       bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=loss, seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
@@ -183,8 +187,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     if cfg.max_drop is not None:
         emit_event(on_event, "stage", name="accuracy guard")
         retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, alpha_lr=cfg.alpha_lr,
-                                 loss=loss, seed=cfg.seed + 1, amp=cfg.amp_dtype())
+                                 batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
+                                 alpha_lr=cfg.alpha_lr, loss=loss, seed=cfg.seed + 1, amp=cfg.amp_dtype())
 
         def retune() -> None:
             net.graph.to(ctx.device)

@@ -53,7 +53,8 @@ class TrainConfig:
     steps: int = 300
     frozen_steps: int | None = None      # default: 30 % of steps
     batch_size: int = 64
-    lr: float = 1e-4                     # Adam, weights and biases
+    lr: float = 1e-4                     # Adam, weights (and biases unless bias_lr)
+    bias_lr: float | None = None         # Adam, biases; default lr
     alpha_lr: float = 1e-2               # Adam, log clip values
     bits_lr: float | None = None         # Adam, bitlengths; default 2 (max - min) / learn steps
     lam: float = 0.05
@@ -117,7 +118,9 @@ def _as_logits(x: Tensor) -> Tensor:
 
 
 def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.optim.Optimizer:
-    groups = [{"params": net.weight_parameters(), "lr": cfg.lr},
+    bias_lr = cfg.lr if cfg.bias_lr is None else cfg.bias_lr
+    groups = [{"params": net.kernel_parameters(), "lr": cfg.lr},
+              {"params": net.bias_parameters(), "lr": bias_lr},
               {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]
     if bits:
         lo, hi = net.quantizers()[0].min_bits, net.quantizers()[0].max_bits

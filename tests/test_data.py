@@ -335,3 +335,14 @@ def test_resolve_preprocess_unknown_preset() -> None:
 def test_preprocess_validation(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_preprocess(None, **kwargs)
+
+
+def test_with_mirrors_appends_horizontal_mirrors_with_the_same_labels() -> None:
+    pre = Preprocess(grayscale=True)
+    images = np.arange(2 * 2 * 3 * 1, dtype=np.uint8).reshape(2, 2, 3, 1)
+    tensors = ImageTensors(images, np.array([4, 7]), True, pre)
+    both = tensors.with_mirrors()
+    assert len(both) == 4 and both.labels.tolist() == [4, 7, 4, 7] and both.has_labels
+    np.testing.assert_array_equal(both.images[:2], images)
+    np.testing.assert_array_equal(both.images[2:], images[:, :, ::-1])
+    np.testing.assert_array_equal(both.batch([3]), tensors.batch([1])[..., ::-1])

@@ -117,3 +117,14 @@ def test_task_losses() -> None:
     assert float(task_loss(logits, None, labels, "ce", 1.0)) == pytest.approx(float(ce))
     both = task_loss(logits, logits + 1.0, labels, "kd+ce", 1.0)  # a shift leaves softmax alone
     assert float(both) == pytest.approx(float(ce), abs=1e-6)
+
+
+def test_bias_lr_sets_its_own_group_and_zero_keeps_biases() -> None:
+    s = setup()
+    biases = [b.detach().clone() for b in s.net.bias_parameters()]
+    kernels = [w.detach().clone() for w in s.net.kernel_parameters()]
+    assert biases and len(biases) + len(kernels) == len(s.net.weight_parameters())
+    run(s, TrainConfig(steps=4, batch_size=16, lam=0.1, lr=1e-3, bias_lr=0.0))
+    assert all(torch.equal(b, a) for b, a in zip(biases, s.net.bias_parameters(), strict=True))
+    assert any(not torch.equal(w, a) for w, a in zip(kernels, s.net.kernel_parameters(),
+                                                     strict=True))
