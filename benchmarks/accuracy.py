@@ -38,6 +38,11 @@ PROTOCOLS = {
     "imagenet": dict(data="imagenet/sample1000", include=None, eval_data="imagenet/val1300",
                      eval_include=None, classes="imagenet/wnids.txt"),
 }
+# The recipe each protocol's onnxbits rows use (ShrinkConfig fields; the README's commands).
+RECIPES: dict[str, dict] = {
+    "cifar": {},
+    "imagenet": {"lr": 1e-5, "loss": "kd"},
+}
 MODELS = {
     "resnet20_cifar10": ("cifar", "cifar10"),
     "resnet56_cifar10": ("cifar", "cifar10"),
@@ -86,14 +91,18 @@ def ort_ptq(model: Path, calib, out: Path, weight_bits: int) -> Path:
 
 
 ABLATIONS: dict[str, dict] = {
-    "default: learned scales, kd, floor/ceil interpolation, 30% frozen": {},
+    "default: learned scales, loss auto (kd+ce with labels), floor/ceil interpolation, "
+    "30% frozen": {},
     "min-max scales (clip values calibrated, not learned)": {"alpha_lr": 0.0},
-    "labels instead of distillation (ce)": {"loss": "ce"},
-    "distillation + labels (kd+ce)": {"loss": "kd+ce"},
+    "labels only (ce)": {"loss": "ce"},
+    "distillation only (kd)": {"loss": "kd"},
     "round-STE bitlength instead of interpolation": {"bit_rounding": "ste"},
     "no frozen-bit fine-tune": {"frozen_steps": 0},
     "50% frozen-bit fine-tune": {"frozen_steps": "half"},
     "first and last layer kept at 8 bits": {"pin_ends": True},
+    "bias correction after the fine-tune (output means re-estimated)": {"bias_correction": True},
+    "horizontal flips (each image and its mirror)": {"augment": "flip"},
+    "bias learning rate 1e-3": {"bias_lr": 1e-3},
     "weight learning rate 1e-5 (default 1e-4)": {"lr": 1e-5},
     "weight learning rate 1e-3": {"lr": 1e-3},
 }
@@ -108,17 +117,20 @@ def measure(path: Path, tensors) -> dict:
             "weight_bytes_stored": report.stored_weight_bytes, "file_bytes": path.stat().st_size}
 
 
-def _config(proto: dict, preset: str, out: Path, args: argparse.Namespace, budget: float,
+def _config(proto_name: str, preset: str, out: Path, args: argparse.Namespace,
             **overrides) -> ShrinkConfig:
+    """The run's ShrinkConfig: protocol, recipe, then ``overrides`` (budget, ablation)."""
+    proto = PROTOCOLS[proto_name]
     if overrides.get("frozen_steps") == "half":
         overrides["frozen_steps"] = args.steps // 2
+    recipe = {**RECIPES[proto_name], **overrides}
     return ShrinkConfig(data=SHARED / "data" / proto["data"], include=proto["include"],
                         eval_data=SHARED / "data" / proto["eval_data"],
                         eval_include=proto["eval_include"],
                         classes=SHARED / "data" / proto["classes"] if proto["classes"] else None,
                         preprocess=resolve_preprocess(preset), output=out, steps=args.steps,
-                        batch_size=args.batch_size, target_bits=budget, target=args.target,
-                        **overrides)
+                        batch_size=args.batch_size, target=args.target, threads=args.threads,
+                        **recipe)
 
 
 def _shrink_row(model: Path, cfg: ShrinkConfig, variant: str, held) -> dict:
@@ -134,17 +146,27 @@ def _shrink_row(model: Path, cfg: ShrinkConfig, variant: str, held) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("--budgets", type=float, nargs="+", default=[6, 5, 4, 3.5, 3])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[6, 5, 4, 3.5, 3])
+    parser.add_argument("--sizes", type=str, nargs="*", default=[], metavar="MB",
+                        help="also run --target-size budgets: MB values, or 'ort-w4' for the "
+                             "weight bytes of ORT's W4A8 model (same bytes, compare top-1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch/ORT threads per run")
     parser.add_argument("--ablate", type=float, default=None, metavar="B",
                         help="run the recipe ablation at budget B instead of the budget sweep")
+    parser.add_argument("--only", nargs="*", default=None, metavar="TEXT",
+                        help="with --ablate: run the default and the variants whose name "
+                             "contains one of these texts")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default 64 (CIFAR) or 16 (ImageNet)")
     parser.add_argument("--target", default="exact-sim", help="onnxbits emission target")
     parser.add_argument("--no-ptq", action="store_true", help="skip the ORT quantize_static rows")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     proto_name, preset = MODELS[args.model]
     proto = PROTOCOLS[proto_name]
+    if args.batch_size is None:
+        args.batch_size = 16 if proto_name == "imagenet" else 64
     model = SHARED / "models" / f"{args.model}.onnx"
     args.out.mkdir(parents=True, exist_ok=True)
     tune = _images(proto["data"], proto["include"], proto["classes"], preset)
@@ -161,12 +183,21 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - start, 1)})
         if args.ablate is not None:
             for i, (variant, overrides) in enumerate(ABLATIONS.items()):
-                cfg = _config(proto, preset, Path(tmp) / f"ablation{i}.onnx", args, args.ablate,
-                              **overrides)
+                if args.only is not None and i and not any(t in variant for t in args.only):
+                    continue
+                cfg = _config(proto_name, preset, Path(tmp) / f"ablation{i}.onnx", args,
+                              target_bits=args.ablate, **overrides)
                 rows.append(_shrink_row(model, cfg, variant, held))
         for budget in () if args.ablate is not None else args.budgets:
-            cfg = _config(proto, preset, Path(tmp) / f"bits{budget}.onnx", args, budget)
+            cfg = _config(proto_name, preset, Path(tmp) / f"bits{budget}.onnx", args,
+                          target_bits=budget)
             rows.append(_shrink_row(model, cfg, f"onnxbits --target-bits {budget} ({args.target})",
+                                    held))
+        for size in () if args.ablate is not None else args.sizes:
+            mb = _size_mb(size, rows)
+            cfg = _config(proto_name, preset, Path(tmp) / f"size{mb}.onnx", args,
+                          target_size_mb=mb)
+            rows.append(_shrink_row(model, cfg, f"onnxbits --target-size {mb:g} ({args.target})",
                                     held))
     float_top1 = rows[0]["top1"]
     for row in rows:
@@ -182,6 +213,17 @@ def main() -> None:
               f"{r['avg_act_bits']:.2f}) | {r['top1']:.2f} | {r['delta_top1']:+.2f} | "
               f"{r['weight_bytes_learned'] / 1e3:.0f} kB / {r['weight_bytes_stored'] / 1e3:.0f} kB "
               f"| {r['seconds']} |")
+
+
+def _size_mb(size: str, rows: list[dict]) -> float:
+    """``--sizes`` value in MB: a number, or ``ort-w4`` (learned weight bytes of ORT's W4A8 row,
+    rounded down to 1 kB)."""
+    if size != "ort-w4":
+        return float(size)
+    ort = [r for r in rows if r["variant"] == "ORT quantize_static W4A8"]
+    if not ort:
+        raise SystemExit("--sizes ort-w4 needs the ORT W4A8 row; drop --no-ptq")
+    return int(ort[0]["weight_bytes_learned"] / 1e3) / 1e3
 
 
 def _plot(rows: list[dict], name: str, path: Path) -> None:

@@ -85,6 +85,9 @@ class _ProgressView:
 @click.option("--bit-rounding", type=click.Choice(ROUNDINGS), default="interp", show_default=True,
               help="How a fractional bitlength quantizes while it is learned: interp = "
                    "BitPruning's floor/ceil interpolation, ste = round-STE (slower, an ablation).")
+@click.option("--bias-correction", is_flag=True,
+              help="After the fine-tune, shift each layer's bias so that its per-channel output "
+                   "mean matches the float model's on the calibration images.")
 @click.option("--pin-ends", is_flag=True,
               help="Keep the first and the last layer (weights and input) at --max-bits.")
 @click.option("--bits-lr", type=float, default=None,
@@ -156,8 +159,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     from onnxbits.pipeline import shrink
 
     pre = preprocess_from_options(**options)
-    keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr", "bit_rounding", "pin_ends",
-            "bits_lr", "lam", "objective", "loss",
+    keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
+            "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

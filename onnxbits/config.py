@@ -37,6 +37,7 @@ class ShrinkConfig:
     augment: str = "none"
     bit_rounding: str = "interp"
     pin_ends: bool = False
+    bias_correction: bool = False
     bits_lr: float | None = None
     lam: float = 0.05
     target_bits: float | None = None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from onnxbits.budget import LambdaController, freeze_to_budget
+from onnxbits.biascorr import correct_biases
 from onnxbits.checkpoint import CheckpointSpec, checkpoint_path, remove_checkpoint, run_fingerprint
 from onnxbits.config import ShrinkConfig
 from onnxbits.cost import LayerBits, bit_cost
@@ -183,6 +184,10 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     runtime = runtime_info(ctx, cfg.amp, cpu, len(steps_run), min(cfg.batch_size, len(train)),
                            tuned, resident)
     net.graph.cpu()
+    corrected = []
+    if cfg.bias_correction:
+        emit_event(on_event, "stage", name="bias correction")
+        corrected = [shift.to_dict() for shift in correct_biases(float_graph, net, calib)]
     guard: dict[str, Any] = {}
     if cfg.max_drop is not None:
         emit_event(on_event, "stage", name="accuracy guard")
@@ -216,7 +221,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        runtime=runtime, seconds=round(time.perf_counter() - started, 1))
+        bias_correction=corrected, runtime=runtime, seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
     outputs = write_run_outputs(output, report, history)

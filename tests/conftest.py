@@ -89,6 +89,7 @@ class Calibrated:
     net: QuantizedNetwork
     x: torch.Tensor
     teacher: torch.Tensor
+    graph: torch.fx.GraphModule | None = None   # the float torch graph the network copies
 
 
 def calibrated_network(model: onnx.ModelProto, batch: int = 64,
@@ -108,4 +109,4 @@ def calibrated_network(model: onnx.ModelProto, batch: int = 64,
     with torch.no_grad():
         teacher = graph(x)
     calibrate(net, [x[: batch // 2], x[batch // 2:]])
-    return Calibrated(model, net, x, teacher)
+    return Calibrated(model, net, x, teacher, graph)

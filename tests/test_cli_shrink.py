@@ -313,13 +313,15 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
                     "-o", out, "--pin-ends", "--bit-rounding", "ste", "--alpha-lr", "0",
-                    "--target-bits", "5", "--bias-lr", "0.01", "--augment", "flip")
+                    "--target-bits", "5", "--bias-lr", "0.01", "--augment", "flip",
+                    "--bias-correction")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
     assert (config["pin_ends"], config["bit_rounding"], config["alpha_lr"]) == (True, "ste", 0.0)
     assert (config["bias_lr"], config["augment"]) == (0.01, "flip")
     assert report["data"]["n_train_views"] == 2 * report["data"]["n_train"]
+    assert config["bias_correction"] and report["bias_correction"]
     layers = report["layers"]
     for end in (layers[0], layers[-1]):
         assert (end["weight_bits"], end["act_bits"]) == (8, 8)
