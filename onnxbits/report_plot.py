@@ -26,6 +26,11 @@ def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
     Writes it to ``path`` when given and returns the PNG bytes. Uses the Agg canvas only (no
     pyplot, no display); the width grows with the layer count (0.28 inch per layer).
     """
+    return save_png(figure(report), path)
+
+
+def figure(report: ModelReport) -> Any:
+    """The matplotlib Figure :func:`plot` renders (Agg canvas attached)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -39,12 +44,7 @@ def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1)
     bar = 0.4
-    top.bar(x - bar / 2, [r.weight_bits for r in rows], bar, label="weight bits", color="#1f77b4")
-    top.bar(x + bar / 2, [r.act_bits for r in rows], bar, label="activation bits", color="#ff7f0e")
-    top.set_ylabel("bits")
-    top.grid(axis="y", alpha=0.3)
-    top.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=2, fontsize=8, frameon=False)
-    top.set_ylim(0, max([r.weight_bits for r in rows] + [r.act_bits for r in rows] + [8]) * 1.08)
+    _bits_panel(top, x, bar, rows)
     bottom.bar(x - bar / 2, [max(r.params, 1) for r in rows], bar, label="params", color="#2ca02c")
     bottom.bar(x + bar / 2, [max(r.macs or 1, 1) for r in rows], bar, label="MACs", color="#9467bd")
     bottom.set_yscale("log")
@@ -61,7 +61,34 @@ def plot(report: ModelReport, path: str | Path | None = None) -> bytes:
                  f"{format_count(report.total_macs)} MACs\navg weight bits "
                  f"{report.avg_weight_bits:.2f}, avg activation bits {report.avg_act_bits:.2f}, "
                  f"avg bits {report.avg_bits:.2f}", fontsize=11)
-    return save_png(fig, path)
+    return fig
+
+
+def _bits_panel(ax: Any, x: Any, bar: float, rows: list[Any]) -> None:
+    """Weight and activation bits per layer. Unquantized (float) tensors are drawn hatched at
+    one bit above the highest quantized bitlength (labelled ``float``), so that 32-bit bars do not
+    squash the scale of the learned bits."""
+    quantized = [r.weight_bits for r in rows if r.weight_quantized]
+    quantized += [r.act_bits for r in rows if r.act_quantized]
+    level = max(quantized + [8]) + 1
+    series = (("weight", -bar / 2, "#1f77b4", "weight_bits", "weight_quantized"),
+              ("activation", bar / 2, "#ff7f0e", "act_bits", "act_quantized"))
+    any_float = False
+    for name, offset, color, bits, done in series:
+        heights = [getattr(r, bits) if getattr(r, done) else 0 for r in rows]
+        ax.bar(x + offset, heights, bar, label=f"{name} bits", color=color)
+        floats = [level if not getattr(r, done) else 0 for r in rows]
+        if any(floats):
+            any_float = True
+            ax.bar(x + offset, floats, bar, color="none", edgecolor=color, hatch="//",
+                   label=f"{name} float")
+    ticks = list(range(0, level, 2 if level > 10 else 1))
+    ax.set_yticks(ticks + ([level] if any_float else []),
+                  [str(t) for t in ticks] + (["float"] if any_float else []))
+    ax.set_ylabel("bits")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=4, fontsize=8, frameon=False)
+    ax.set_ylim(0, level * 1.08)
 
 
 def save_png(fig: Any, path: str | Path | None = None) -> bytes:

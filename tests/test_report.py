@@ -25,6 +25,7 @@ from onnxbits.report import (
     to_html,
     write_metadata,
 )
+from onnxbits.report_plot import figure
 from tests import builders
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -282,6 +283,15 @@ def test_to_rich_table(mixed_report: ModelReport) -> None:
 def test_plot_writes_png(mixed_report: ModelReport, tmp_path: Path) -> None:
     data = plot(mixed_report, tmp_path / "bits.png")
     assert data.startswith(PNG_MAGIC) and (tmp_path / "bits.png").read_bytes() == data
+
+
+def test_plot_draws_float_tensors_just_above_the_learned_bits(mixed_report: ModelReport) -> None:
+    assert not all(r.weight_quantized and r.act_quantized for r in mixed_report.layers)
+    bits_axes = figure(mixed_report).axes[0]
+    learned = max([r.weight_bits for r in mixed_report.layers if r.weight_quantized] + [8])
+    assert bits_axes.get_ylim()[1] == pytest.approx((learned + 1) * 1.08)
+    labels = [t.get_text() for t in bits_axes.get_yticklabels()]
+    assert labels[-1] == "float" and "32" not in labels
 
 
 def test_plot_many_layers_widens() -> None:
