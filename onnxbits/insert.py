@@ -73,7 +73,10 @@ class QuantizedNetwork:
     layer_act: dict[str, str | None] = field(default_factory=dict)  # site node -> tensor
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.graph(x)
+        """The first graph output: the logits the fine-tune, the evaluation and the guard read
+        (as ONNX Runtime's first output in :func:`onnxbits.evaluate.predict_logits`)."""
+        out = self.graph(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
 
     def quantizers(self) -> list[BitQuantizer]:
         """All quantizers: weights in site order, then activations."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -335,3 +336,23 @@ def test_auto_loss_uses_labels_when_there_are_some(workspace: Path, tmp_path: Pa
     assert labelled.exit_code == 0 and unlabelled.exit_code == 0, unlabelled.output
     assert json.loads(labelled.stdout)["config"]["task_loss"] == "kd+ce"
     assert json.loads(unlabelled.stdout)["config"]["task_loss"] == "kd"
+
+
+def test_a_model_with_two_outputs_tunes_on_the_first_and_keeps_both(workspace: Path,
+                                                                      tmp_path: Path) -> None:
+    model = conv_relu_gemm(classes=3)
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT,
+                                                                 ["N", 3]))
+    onnx.save(model, tmp_path / "two.onnx")
+    out = tmp_path / "two.bits.onnx"
+    result = shrink(tmp_path / "two.onnx", "--data", workspace / "data", *FAST, "--json", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verification"]["max_steps"] <= 1
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
+    logits, probs = session.run(None, {"input": np.random.default_rng(0).random(
+        (2, 3, 8, 8), dtype=np.float32)})
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert logits.shape == probs.shape == (2, 3)
