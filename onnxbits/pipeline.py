@@ -193,7 +193,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         emit_event(on_event, "stage", name="accuracy guard")
         retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
                                  batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
-                                 alpha_lr=cfg.alpha_lr, loss=loss, seed=cfg.seed + 1, amp=cfg.amp_dtype())
+                                 alpha_lr=cfg.alpha_lr, loss=loss, seed=cfg.seed + 1,
+                                 amp=cfg.amp_dtype())
 
         def retune() -> None:
             net.graph.to(ctx.device)
@@ -221,7 +222,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        bias_correction=corrected, runtime=runtime, seconds=round(time.perf_counter() - started, 1))
+        bias_correction=corrected, runtime=runtime,
+        seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
     outputs = write_run_outputs(output, report, history)
