@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import Tensor
 
-from onnxbits.emit import EXEC_BITS_ORT, INT8_TARGETS
+from onnxbits.qparams import EXEC_BITS_ORT, INT8_TARGETS
 from onnxbits.errors import VerificationError
 from onnxbits.insert import QuantizedNetwork
 

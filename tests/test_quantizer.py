@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import onnxbits.quant.quantizer as quantizer_module
+import onnxbits.qparams as qparams_module
 import onnxbits.quant.ranges as ranges_module
 from onnxbits.quant.fakequant import fixed_quant, interpolated_quant, levels
 from onnxbits.quant.quantizer import BitQuantizer, freeze_rule, lsq_init_alpha
@@ -444,7 +445,8 @@ def test_clamp_bits_after_a_large_optimizer_step() -> None:
 # --- doctests ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [ranges_module, quantizer_module], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ranges_module, quantizer_module, qparams_module],
+                         ids=lambda m: m.__name__)
 def test_doctests_pass(module: object) -> None:
     result = doctest.testmod(module, verbose=False)  # type: ignore[arg-type]
     assert result.attempted > 0
