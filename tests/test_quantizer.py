@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import onnxbits.quant.quantizer as quantizer_module
 import onnxbits.qparams as qparams_module
+import onnxbits.quant.quantizer as quantizer_module
 import onnxbits.quant.ranges as ranges_module
 from onnxbits.quant.fakequant import fixed_quant, interpolated_quant, levels
 from onnxbits.quant.quantizer import BitQuantizer, freeze_rule, lsq_init_alpha
