@@ -27,6 +27,7 @@ import onnx
 from onnxbits.config import ShrinkConfig
 from onnxbits.data import decode_images, load_image_set, resolve_preprocess, select_files
 from onnxbits.evaluate import make_session, predict_logits, topk_accuracy
+from onnxbits.pack import pack_model
 from onnxbits.pipeline import shrink
 from onnxbits.report import analyze_model
 
@@ -109,12 +110,17 @@ ABLATIONS: dict[str, dict] = {
 
 
 def measure(path: Path, tensors) -> dict:
+    """Top-1/top-5 in ONNX Runtime, bits and bytes; for an onnxbits ``ort`` model also the file
+    size of its ``pack`` form (``onnxbits pack``: the weights at their learned bits)."""
     report = analyze_model(path)
     acc = topk_accuracy(predict_logits(make_session(path), tensors), tensors.labels)
-    return {"top1": acc.top1, "top5": acc.top5, "avg_bits": report.avg_bits,
-            "avg_weight_bits": report.avg_weight_bits, "avg_act_bits": report.avg_act_bits,
-            "weight_bytes_learned": report.quantized_weight_bytes,
-            "weight_bytes_stored": report.stored_weight_bytes, "file_bytes": path.stat().st_size}
+    row = {"top1": acc.top1, "top5": acc.top5, "avg_bits": report.avg_bits,
+           "avg_weight_bits": report.avg_weight_bits, "avg_act_bits": report.avg_act_bits,
+           "weight_bytes_learned": report.quantized_weight_bytes,
+           "weight_bytes_stored": report.stored_weight_bytes, "file_bytes": path.stat().st_size}
+    if report.metadata.get("target") == "ort":
+        row["pack_file_bytes"] = len(pack_model(onnx.load(str(path))).SerializeToString())
+    return row
 
 
 def _config(proto_name: str, preset: str, out: Path, args: argparse.Namespace,

@@ -13,7 +13,9 @@ bitlength is shifted by one common amount ``s`` so that the cost lies exactly on
 ``cost(clamp(n - s, min_bits, max_bits)) = b_t`` (bisection on ``s``; the cost falls
 monotonically in ``s``). Lambda alone oscillates around the ramp, because Adam moves every
 bitlength at up to its learning rate per step whatever lambda's size; the shift removes the
-excursions while keeping the relative bitlengths lambda and the task loss chose.
+excursions while keeping the relative bitlengths lambda and the task loss chose. Only the
+bitlengths the cost depends on are shifted: with ``memory`` (a size budget) the activation
+bitlengths are left to the task loss.
 
 At the freeze, the integer bits first follow the one freeze rule ``k = floor(n + 1/2)``; if the
 integer cost then lies outside the band ``[B - tolerance, B]`` (a budget is not exceeded), the
@@ -31,6 +33,7 @@ import torch
 
 from onnxbits.cost import bit_cost
 from onnxbits.insert import QuantizedNetwork, layer_bits
+from onnxbits.quant.quantizer import BitQuantizer
 
 
 @dataclass
@@ -73,16 +76,26 @@ def _learned_cost(net: QuantizedNetwork, objective: str) -> float:
         return float(bit_cost(objective, layer_bits(net)))
 
 
+def cost_quantizers(net: QuantizedNetwork, objective: str) -> list[BitQuantizer]:
+    """The quantizers whose bitlengths ``objective``'s cost depends on: the weight quantizers
+    for ``memory``, all quantizers for ``bits`` and ``bops``. Only these are shifted onto a
+    budget; the others keep what the task loss gives them."""
+    if objective == "memory":
+        return [layer.wq for layer in net.layers.values()]
+    return net.quantizers()
+
+
 @torch.no_grad()
 def shift_onto_budget(net: QuantizedNetwork, objective: str, budget: float,
                       iterations: int = 40) -> float:
-    """Shift every learnable (not frozen) bitlength by one ``s`` so that the cost is ``budget``.
+    """Shift every learnable (not frozen) bitlength that the cost depends on
+    (:func:`cost_quantizers`) by one ``s`` so that the cost is ``budget``.
 
     Solves ``cost(clamp(n - s, min_bits, max_bits)) = budget`` by bisection over
     ``s in [-(max - min), max - min]``; when the budget is out of reach the nearest end is used.
     Returns ``s`` (positive: bits went down).
     """
-    learnable = [q for q in net.quantizers() if not q.frozen]
+    learnable = [q for q in cost_quantizers(net, objective) if not q.frozen]
     if not learnable:
         return 0.0
     base = [q.bits.detach().clone() for q in learnable]
