@@ -127,44 +127,86 @@ def _integer_cost(net: QuantizedNetwork, objective: str) -> float:
 
 @torch.no_grad()
 def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
-                     tolerance: float = 0.1) -> list[str]:
+                     tolerance: float = 0.1, max_passes: int = 50) -> list[str]:
     """Freeze every quantizer with the freeze rule, then nudge groups onto the budget.
 
-    Quantizers frozen before the call (pinned layers) are left as they are. Returns a
-    description of every group moved off its rounded value.
+    Quantizers frozen before the call (pinned layers) are left as they are. Moving any one
+    channel of a quantizer by one bit changes the cost by the same amount (its layer's mean
+    bits change by ``1 / channels``), so that change is measured once per quantizer; the
+    candidates (one per channel that can move) are then taken in order of closeness to their
+    rounding boundary, each only when it brings the cost closer to the band, and the pass is
+    repeated with the exact cost until the cost is in the band or no move helps (at most
+    ``max_passes`` passes: with ``bops`` the change depends on the other bits). Returns a
+    description of every group moved off its rounded value (with per-channel bitlengths, one
+    line per quantizer).
     """
     quantizers = [q for q in net.quantizers() if not q.frozen]
     names = {id(q): name for name, q in net.named_quantizers()}
-    fractional = {id(q): q.bits.detach().clone() for q in quantizers}
+    fractional = {id(q): q.bits.detach().clone().reshape(-1) for q in quantizers}
     for q in quantizers:
         q.freeze()
-    moved: list[str] = []
+    movers = [q for q in cost_quantizers(net, objective) if id(q) in fractional]
+    moves: dict[tuple[int, int], tuple[BitQuantizer, float, float]] = {}
     cost = _integer_cost(net, objective)
 
     def off(c: float) -> float:          # distance to the band [B - tolerance, B]
         return max(c - target, target - tolerance - c, 0.0)
 
-    while off(cost) > 0:
-        down = cost > target
-        best = None
-        for q in quantizers:
-            n = fractional[id(q)]
-            for i in range(q.frozen_bits.numel()):
-                k = float(q.frozen_bits[i])
-                new = k - 1 if down else k + 1
-                if not q.min_bits <= new <= q.max_bits:
-                    continue
-                q.frozen_bits[i] = new
-                new_cost = _integer_cost(net, objective)
-                q.frozen_bits[i] = k
-                if off(new_cost) >= off(cost):
-                    continue
-                distance = abs(float(n[i]) - (k - 0.5 if down else k + 0.5))
-                if best is None or distance < best[0]:
-                    best = (distance, q, i, k, new, new_cost)
-        if best is None:
+    for _ in range(max_passes):
+        if off(cost) == 0:
             break
-        _, q, i, k, new, cost = best
-        q.frozen_bits[i] = new
-        moved.append(f"{names[id(q)]}: {k:.0f} -> {new:.0f}")
-    return moved
+        down = cost > target
+        candidates = []
+        for q in movers:
+            bits = q.frozen_bits.reshape(-1)
+            new = bits - 1 if down else bits + 1
+            movable = ((new >= q.min_bits) & (new <= q.max_bits)).nonzero().flatten().tolist()
+            if not movable:
+                continue
+            first = movable[0]
+            k = float(bits[first])
+            bits[first] = new[first]
+            delta = _integer_cost(net, objective) - cost
+            bits[first] = k
+            edge = bits - 0.5 if down else bits + 0.5
+            distance = (fractional[id(q)] - edge).abs()
+            candidates += [(float(distance[i]), id(q), i, q, delta) for i in movable]
+        candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+        moved_any = False
+        for _, _, i, q, delta in candidates:
+            if off(cost + delta) >= off(cost):
+                continue
+            bits = q.frozen_bits.reshape(-1)
+            k = float(bits[i])
+            bits[i] = k - 1 if down else k + 1
+            first = moves.get((id(q), i), (q, k, k))[1]
+            moves[(id(q), i)] = (q, first, float(bits[i]))
+            cost += delta
+            moved_any = True
+            if off(cost) == 0:
+                break
+        cost = _integer_cost(net, objective)
+        if not moved_any:
+            break
+    return _describe_moves(moves, names)
+
+
+def _describe_moves(moves: dict[tuple[int, int], tuple[BitQuantizer, float, float]],
+                    names: dict[int, str]) -> list[str]:
+    """``"<group>: k -> k'"`` per moved tensor-wide quantizer, ``"<group>: n channels moved
+    down/up"`` per per-channel one (moves back and forth cancel)."""
+    per_quantizer: dict[int, list[tuple[float, float]]] = {}
+    owners: dict[int, BitQuantizer] = {}
+    for (qid, _), (q, first, last) in moves.items():
+        if first != last:
+            per_quantizer.setdefault(qid, []).append((first, last))
+            owners[qid] = q
+    lines = []
+    for qid, changes in per_quantizer.items():
+        if owners[qid].frozen_bits.numel() == 1:
+            first, last = changes[0]
+            lines.append(f"{names[qid]}: {first:.0f} -> {last:.0f}")
+        else:
+            way = "down" if changes[0][1] < changes[0][0] else "up"
+            lines.append(f"{names[qid]}: {len(changes)} channel(s) moved {way} by one bit")
+    return lines

@@ -116,3 +116,17 @@ def test_freeze_lands_in_the_band_below_the_budget() -> None:
     moved = freeze_to_budget(net, "bits", 4.2, tolerance=0.1)
     assert 4.1 <= _cost(net, "bits") <= 4.2
     assert moved and all(m.endswith("-> 4") for m in moved)
+
+
+@pytest.mark.parametrize("objective", ["bits", "memory", "bops"])
+def test_freeze_with_per_channel_bits_lands_in_the_band(objective: str) -> None:
+    net = calibrated_network(residual_block(), per_channel_bits=True).net
+    with torch.no_grad():
+        for i, q in enumerate(net.quantizers()):
+            channels = q.bits.numel()
+            q.bits.copy_(4.3 + 0.4 * torch.arange(channels) / max(channels, 1) + 0.01 * i)
+    moved = freeze_to_budget(net, objective, 4.2, tolerance=0.1)
+    assert 4.1 <= _cost(net, objective) <= 4.2
+    channel_lines = [m for m in moved if "channel(s) moved" in m]
+    assert channel_lines                        # per-channel quantizers moved channel by channel
+    assert len({m.split("moved ")[1] for m in channel_lines}) == 1   # all in one direction
