@@ -233,25 +233,44 @@ def _size_mb(size: str, rows: list[dict]) -> float:
 
 
 def _plot(rows: list[dict], name: str, path: Path) -> None:
+    """Top-1 vs average bits (left) and vs weight bytes (right). Float is a dashed line; the
+    onnxbits bit budgets are one curve (filled: in ONNX Runtime; hollow: the k-bit simulation
+    when the target executes activations at 8 bits), size budgets and ORT rows are markers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
-    for ax, key, label in ((fig.add_subplot(1, 2, 1), "avg_bits", "average per-layer bits"),
-                           (fig.add_subplot(1, 2, 2), "weight_bytes_learned",
-                            "weight bytes at the learned bits")):
-        for marker, pick in (("o", "onnxbits"), ("s", "ORT"), ("*", "float")):
-            sel = [r for r in rows if r["variant"].startswith(pick)]
-            ax.plot([r[key] for r in sel], [r["top1"] for r in sel], marker=marker,
-                    linestyle="-" if pick == "onnxbits" else "none", label=pick)
+    float_top1 = next(r["top1"] for r in rows if r["variant"] == "float")
+    budgets = sorted((r for r in rows if "--target-bits" in r["variant"]),
+                     key=lambda r: r["avg_bits"])
+    sizes = [r for r in rows if "--target-size" in r["variant"]]
+    ort = [r for r in rows if r["variant"].startswith("ORT")]
+    for ax, key, scale, label in ((fig.add_subplot(1, 2, 1), "avg_bits", 1.0,
+                                   "average per-layer bits (weights and activations)"),
+                                  (fig.add_subplot(1, 2, 2), "weight_bytes_learned", 1e-6,
+                                   "weight bytes at the learned bits (MB)")):
+        ax.axhline(float_top1, color="green", linestyle="--", label=f"float ({float_top1:.2f})")
+        ax.plot([r[key] * scale for r in budgets], [r["top1"] for r in budgets], "o-",
+                color="C0", label="onnxbits --target-bits")
+        sims = [r for r in budgets if r.get("torch_sim_top1") is not None
+                and "(exact-sim)" not in r["variant"]]
+        if sims:
+            ax.plot([r[key] * scale for r in sims], [r["torch_sim_top1"] for r in sims], "o--",
+                    color="C0", markerfacecolor="none", label="same, k-bit activations (sim)")
+        if sizes:
+            ax.plot([r[key] * scale for r in sizes], [r["top1"] for r in sizes], "D",
+                    color="C3", label="onnxbits --target-size")
+        for marker, r in zip("sv^", ort):
+            ax.plot([r[key] * scale], [r["top1"]], marker, color="C1",
+                    label=r["variant"].replace("quantize_static ", ""))
         if key == "avg_bits" and name in PAPER:
             bits, text = PAPER[name]
             ax.axvline(bits, color="grey", linestyle=":", label=text)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%) on the measure split")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(f"{name}: top-1 vs bits (ONNX Runtime, held-out split)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
