@@ -10,7 +10,8 @@ through :func:`onnxbits.pack.graph_view`; its sizes are those of the packed file
 
 Totals: ``avg_weight_bits = mean_l w_l``, ``avg_act_bits = mean_l a_l``,
 ``avg_bits = (sum w + sum a) / (2 L)``, ``size_weighted_weight_bits = sum p_l w_l / sum p_l``,
-``bops_l = macs_l * w_l * a_l``, ``quantized_weight_bytes = sum p * w / 8``,
+``bops_l = macs_l * w_l * a_l``, ``quantized_weight_bytes = sum p * w / 8``, where ``w_l`` is
+the mean over channels for per-channel bitlengths (the table shows mean and max),
 ``compression = float_weight_bytes / stored_weight_bytes`` (weights read by several layers count
 once in the byte and param totals). The library never prints; formatters return values.
 """
@@ -113,6 +114,13 @@ class LayerReport:
     act_tensor: str | None
     bits_from: str  # "metadata" or "graph"
     act_container_bits: int = FLOAT_BITS
+    weight_bits_mean: float | None = None  # per-channel bitlengths: their mean (weight_bits: max)
+
+    @property
+    def learned_weight_bits(self) -> float:
+        """The layer's weight bitlength in the totals: the mean over channels when the bits
+        are per channel (as the fine-tune's cost counts it), else ``weight_bits``."""
+        return self.weight_bits if self.weight_bits_mean is None else self.weight_bits_mean
 
 
 @dataclass
@@ -198,7 +206,7 @@ class ModelReport:
     def rows(self) -> list[list[str]]:
         """Return the table cells per layer, in the order of ``HEADERS``."""
         return [[str(i), r.name, r.op, "x".join(map(str, r.weight_shape)), format_count(r.params),
-                 format_count(r.macs), _bits(r.weight_bits, r.weight_quantized),
+                 format_count(r.macs), _weight_bits_cell(r),
                  _bits(r.act_bits, r.act_quantized), str(r.weight_container_bits),
                  str(r.act_container_bits), str(r.act_exec_bits), format_count(r.weight_bytes)]
                 for i, r in enumerate(self.layers)]
@@ -237,6 +245,13 @@ def _tensor_lines(tensors: list[TensorReport]) -> list[str]:
         groups[key] = groups.get(key, 0) + 1
     return [f"activations ({role}): {n} learned at {bits} bits, stored in {stored}, "
             f"executed at {run}" for (role, bits, stored, run), n in sorted(groups.items())]
+
+
+def _weight_bits_cell(r: LayerReport) -> str:
+    """``k``, or ``mean (max k)`` for per-channel bitlengths."""
+    if r.weight_bits_mean is not None and r.weight_quantized:
+        return f"{r.weight_bits_mean:.2f} (max {r.weight_bits})"
+    return _bits(r.weight_bits, r.weight_quantized)
 
 
 def _bits(bits: int, quantized: bool) -> str:
@@ -293,7 +308,7 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
     tensors = _meta_tensors(meta) or _graph_tensors(index, {s.input_name for s in sites})
     containers = {t.tensor: t.container_bits for t in tensors}
     layers: list[LayerReport] = []
-    stored: dict[str, tuple[int, int, int]] = {}
+    stored: dict[str, tuple[int, float, int]] = {}
     for site in sites:
         cost = layer_cost(index, site, shapes)
         w_bits, w_container, w_quant = weight_bits(index, site)
@@ -302,8 +317,11 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
         a_quant, a_tensor = act is not None, act.tensor if act else None
         a_container = act.container_bits if act else FLOAT_BITS
         entry = entries.get(site.name)
+        w_mean = None
         if entry is not None:
             w_bits, w_quant = int(entry["weight_bits"]), True
+            if entry.get("weight_bits_mean") is not None and entry["weight_bits_mean"] != w_bits:
+                w_mean = float(entry["weight_bits_mean"])
             w_container = int(entry.get("weight_container_bits") or w_container)
             a_quant = entry.get("act_bits") is not None
             a_bits = int(entry["act_bits"]) if a_quant else FLOAT_BITS
@@ -311,13 +329,14 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
             a_tensor = (entry.get("act_tensor") or a_tensor) if a_quant else None
             a_container = containers.get(str(a_tensor), a_container if act else a_exec)
         w_bytes = math.ceil(cost.params * w_container / 8)
+        learned = w_bits if w_mean is None else w_mean
         layers.append(LayerReport(
             site.name, site.op, list(site.weight_shape), cost.params, cost.bias_params, cost.macs,
-            w_bits, a_bits, w_container, a_exec, w_bytes, (cost.macs or 0) * w_bits * a_bits,
-            w_quant, a_quant, a_tensor, "metadata" if entry is not None else "graph",
-            a_container))
+            w_bits, a_bits, w_container, a_exec, w_bytes,
+            round((cost.macs or 0) * learned * a_bits), w_quant, a_quant, a_tensor,
+            "metadata" if entry is not None else "graph", a_container, w_mean))
         prev = stored.get(site.stored_name)
-        stored[site.stored_name] = (cost.params, max(w_bits, prev[1] if prev else 0), w_bytes)
+        stored[site.stored_name] = (cost.params, max(learned, prev[1] if prev else 0), w_bytes)
     report = _totals(source, layers, stored, file_bytes, meta)
     report.tensors = tensors
     return report
@@ -349,10 +368,10 @@ def _graph_tensors(index: GraphIndex, layer_inputs: set[str]) -> list[TensorRepo
     return out
 
 
-def _totals(source: str, layers: list[LayerReport], stored: dict[str, tuple[int, int, int]],
+def _totals(source: str, layers: list[LayerReport], stored: dict[str, tuple[int, float, int]],
             file_bytes: int, meta: dict[str, Any]) -> ModelReport:
     count = len(layers) or 1
-    sum_w = sum(r.weight_bits for r in layers)
+    sum_w = sum(r.learned_weight_bits for r in layers)
     sum_a = sum(r.act_bits for r in layers)
     layer_params = sum(r.params for r in layers) or 1
     params = sum(p for p, _, _ in stored.values())
@@ -360,7 +379,8 @@ def _totals(source: str, layers: list[LayerReport], stored: dict[str, tuple[int,
     return ModelReport(
         source=source, layers=layers, avg_weight_bits=sum_w / count, avg_act_bits=sum_a / count,
         avg_bits=(sum_w + sum_a) / (2 * count),
-        size_weighted_weight_bits=sum(r.params * r.weight_bits for r in layers) / layer_params,
+        size_weighted_weight_bits=sum(r.params * r.learned_weight_bits for r in layers)
+        / layer_params,
         total_params=params, total_bias_params=sum(r.bias_params for r in layers),
         total_macs=sum(r.macs or 0 for r in layers), total_bops=sum(r.bops for r in layers),
         float_weight_bytes=4 * params,

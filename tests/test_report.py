@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
 from onnxbits.errors import InvalidModelError
@@ -25,8 +26,13 @@ from onnxbits.report import (
     to_html,
     write_metadata,
 )
+from onnxbits.deploy import prepare_ort
+from onnxbits.emit import emit
 from onnxbits.report_plot import figure
+from onnxbits.train import freeze_all
+from onnxbits.verify import verify
 from tests import builders
+from tests.conftest import calibrated_network
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -334,3 +340,28 @@ def test_real_mobilenet_v2() -> None:
     report = analyze_model(path)
     assert len(report.layers) == 53 and report.avg_bits == 32
     assert 3.4e6 < report.total_params < 3.5e6 and 2.9e8 < report.total_macs < 3.1e8
+
+
+@pytest.mark.parametrize("target", ["ort", "exact-sim"])
+def test_per_channel_bitlengths_emit_verify_and_report_their_mean(target: str) -> None:
+    s = calibrated_network(builders.conv_relu_gemm(), per_channel_bits=True,
+                           prepare=prepare_ort if target == "ort" else None)
+    with torch.no_grad():
+        for layer in s.net.layers.values():
+            bits = layer.wq.bits
+            bits.copy_(3.0 + torch.arange(bits.numel()) % 4)   # 3, 4, 5, 6, 3, ...
+    freeze_all(s.net)
+    emitted = emit(s.model, s.net, target)
+    assert verify(emitted, s.net, [s.x[:16]], target).max_steps <= 1
+    report = analyze_model(emitted)
+    means = {node: float(layer.wq.frozen_bits.float().mean())
+             for node, layer in s.net.layers.items()}
+    rows = {r.name: r for r in report.layers}
+    for node, mean in means.items():
+        assert rows[node].learned_weight_bits == pytest.approx(mean)
+        assert rows[node].weight_bits == int(s.net.layers[node].wq.frozen_bits.max())
+    assert report.avg_weight_bits == pytest.approx(sum(means.values()) / len(means))
+    expected_bytes = sum(rows[n].params * m / 8 for n, m in means.items())
+    assert report.quantized_weight_bytes == pytest.approx(expected_bytes)
+    assert any("(max 6)" in row[6] for row in report.rows())
+    assert ModelReport.from_dict(json.loads(report.to_json())) == report
