@@ -215,6 +215,7 @@ def test_resume_without_a_checkpoint(tmp_path: Path) -> None:
         fresh().fine_tune(checkpoint=CheckpointSpec(tmp_path / "none.ckpt", resume=True))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # torch.load on the junk bytes
 def test_resume_from_a_corrupt_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "bad.ckpt"
     path.write_bytes(b"\x80\x04not a checkpoint")
