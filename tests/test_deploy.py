@@ -343,7 +343,7 @@ def test_int32_bias_rounding_is_simulated_in_torch() -> None:
     t = trained("conv_relu_gemm")
     layer = t.net.layers["conv1"]
     scale = bias_scale(t.net, "conv1")
-    step = float(t.net.acts["relu1_out"].alpha()) / 255
+    step = float(t.net.acts["relu1_out"].alpha().detach()) / 255
     assert float(scale.max()) / 2 / step > 0.05  # what the rounding could move an output by
     hooks = list(layer._forward_hooks.values())
     layer._forward_hooks.clear()
