@@ -146,7 +146,7 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
     for q in quantizers:
         q.freeze()
     movers = [q for q in cost_quantizers(net, objective) if id(q) in fractional]
-    moves: dict[tuple[int, int], tuple[BitQuantizer, float, float]] = {}
+    rounded = {id(q): q.frozen_bits.clone().reshape(-1) for q in movers}
     cost = _integer_cost(net, objective)
 
     def off(c: float) -> float:          # distance to the band [B - tolerance, B]
@@ -157,7 +157,7 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
             break
         down = cost > target
         candidates = []
-        for q in movers:
+        for order, q in enumerate(movers):
             bits = q.frozen_bits.reshape(-1)
             new = bits - 1 if down else bits + 1
             movable = ((new >= q.min_bits) & (new <= q.max_bits)).nonzero().flatten().tolist()
@@ -170,17 +170,13 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
             bits[first] = k
             edge = bits - 0.5 if down else bits + 0.5
             distance = (fractional[id(q)] - edge).abs()
-            candidates += [(float(distance[i]), id(q), i, q, delta) for i in movable]
-        candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+            candidates += [(float(distance[i]), order, i, delta) for i in movable]
+        candidates.sort()
         moved_any = False
-        for _, _, i, q, delta in candidates:
+        for _, order, i, delta in candidates:
             if off(cost + delta) >= off(cost):
                 continue
-            bits = q.frozen_bits.reshape(-1)
-            k = float(bits[i])
-            bits[i] = k - 1 if down else k + 1
-            first = moves.get((id(q), i), (q, k, k))[1]
-            moves[(id(q), i)] = (q, first, float(bits[i]))
+            movers[order].frozen_bits.reshape(-1)[i] += -1 if down else 1
             cost += delta
             moved_any = True
             if off(cost) == 0:
@@ -188,25 +184,17 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
         cost = _integer_cost(net, objective)
         if not moved_any:
             break
-    return _describe_moves(moves, names)
+    return [line for q in movers
+            if (line := _describe_move(names[id(q)], rounded[id(q)], q.frozen_bits.reshape(-1)))]
 
 
-def _describe_moves(moves: dict[tuple[int, int], tuple[BitQuantizer, float, float]],
-                    names: dict[int, str]) -> list[str]:
-    """``"<group>: k -> k'"`` per moved tensor-wide quantizer, ``"<group>: n channels moved
-    down/up"`` per per-channel one (moves back and forth cancel)."""
-    per_quantizer: dict[int, list[tuple[float, float]]] = {}
-    owners: dict[int, BitQuantizer] = {}
-    for (qid, _), (q, first, last) in moves.items():
-        if first != last:
-            per_quantizer.setdefault(qid, []).append((first, last))
-            owners[qid] = q
-    lines = []
-    for qid, changes in per_quantizer.items():
-        if owners[qid].frozen_bits.numel() == 1:
-            first, last = changes[0]
-            lines.append(f"{names[qid]}: {first:.0f} -> {last:.0f}")
-        else:
-            way = "down" if changes[0][1] < changes[0][0] else "up"
-            lines.append(f"{names[qid]}: {len(changes)} channel(s) moved {way} by one bit")
-    return lines
+def _describe_move(name: str, rounded: torch.Tensor, final: torch.Tensor) -> str | None:
+    """``"<group>: k -> k'"`` for a moved tensor-wide quantizer, ``"<group>: n channel(s) moved
+    down/up by one bit"`` for a per-channel one, None when nothing moved."""
+    changed = (final != rounded).nonzero().flatten()
+    if not len(changed):
+        return None
+    if final.numel() == 1:
+        return f"{name}: {float(rounded[0]):.0f} -> {float(final[0]):.0f}"
+    way = "down" if float(final[changed[0]]) < float(rounded[changed[0]]) else "up"
+    return f"{name}: {len(changed)} channel(s) moved {way} by one bit"
