@@ -13,6 +13,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+
+def make_model(graph: onnx.GraphProto, opset: int,
+               extra: list[onnx.OperatorSetIdProto] | None = None) -> onnx.ModelProto:
+    """``helper.make_model`` at the oldest IR version the opsets allow (not this onnx's newest),
+    so that an ONNX Runtime older than the installed onnx package still loads the model."""
+    opsets = [helper.make_opsetid("", opset), *(extra or [])]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = max(8, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    return model
+
 OPSET = 13
 
 
@@ -65,8 +75,7 @@ class _Builder:
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        model.ir_version = 8
+        model = make_model(graph, OPSET)
         onnx.checker.check_model(model, full_check=True)
         return model
 

@@ -33,7 +33,7 @@ def _dq_weight_model(values: np.ndarray, dtype: int = TensorProto.INT8,
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
         [stored, scale, zp])
     opset = 21 if dtype in (TensorProto.INT4, TensorProto.UINT4) else 13
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = builders.make_model(graph, opset)
     onnx.checker.check_model(model)
     return model
 
@@ -67,7 +67,7 @@ def _act_model(clip: tuple[int, int] | None = None, float_clip: tuple[float, flo
     graph = helper.make_graph(
         nodes, "act", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = builders.make_model(graph, 13)
     onnx.checker.check_model(model)
     return model
 

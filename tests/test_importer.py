@@ -19,6 +19,7 @@ from tests.builders import (
     _Builder,
     batchnorm_model,
     conv_relu_gemm,
+    make_model,
     matmul_mlp,
 )
 
@@ -187,10 +188,7 @@ def single_op_model(op: str, domain: str = "") -> onnx.ModelProto:
     graph = helper.make_graph([node], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 13)]
-    if domain:
-        opsets.append(helper.make_opsetid(domain, 1))
-    return helper.make_model(graph, opset_imports=opsets)
+    return make_model(graph, 13, [helper.make_opsetid(domain, 1)] if domain else None)
 
 
 @pytest.mark.parametrize(("op", "domain", "message"), [
@@ -224,7 +222,7 @@ def test_constant_slice_matches_onnxruntime_without_warnings(
         [helper.make_node("Slice", ["x"] + [t.name for t in inits], ["y"], name="slice")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = make_model(graph, 13)
     x = np.random.default_rng(0).random((2, 4, 6, 6), dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

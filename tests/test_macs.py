@@ -23,7 +23,7 @@ def _single(op: str, x_shape: list[int | str], w_shape: tuple[int, ...], y_rank:
     graph = helper.make_graph(
         [node], "one", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None] * y_rank)], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = builders.make_model(graph, 13)
     onnx.checker.check_model(model)
     return model
 

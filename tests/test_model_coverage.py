@@ -30,7 +30,7 @@ from onnxbits.io import load_model
 from onnxbits.normalize import normalize, opset_of
 from onnxbits.train import TrainConfig, fine_tune
 from onnxbits.verify import Verification, verify
-from tests.builders import conv_relu_gemm
+from tests.builders import conv_relu_gemm, make_model
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
@@ -69,7 +69,7 @@ class _Graph:
             self.nodes, f"opset{opset}",
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, inp)],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out)], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model = make_model(graph, opset)
         model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
         if model.ir_version < 4:   # IR 3 lists every initializer among the graph inputs
             model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)

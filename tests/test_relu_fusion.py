@@ -26,7 +26,7 @@ from onnxbits.insert import QuantizedNetwork, _clamp_of, attach_quantizers, cali
 from onnxbits.normalize import normalize
 from onnxbits.train import TrainConfig, fine_tune
 from onnxbits.verify import verify
-from tests.builders import OPSET, _Builder
+from tests.builders import OPSET, _Builder, make_model
 from tests.conftest import ort_session, random_input
 
 FUSED = {"relu1": (0.0, None), "relu6": (0.0, 6.0), "relu_shared": (0.0, None)}
@@ -57,7 +57,7 @@ def fusion_model(feature_output: bool = True, seed: int = 0) -> onnx.ModelProto:
                                                      ["N", 8, 8, 8]))
     graph = helper.make_graph(b.nodes, "fusion", [helper.make_tensor_value_info(
         "input", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = make_model(graph, OPSET)
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
