@@ -8,6 +8,9 @@ channel), input-activation bitlength ``a_i``, ``P_i`` weight parameters and ``M_
 * ``memory`` (weight bits per parameter): ``sum_i P_i w_i / sum_i P_i``
 * ``bops``   (bit operations, normalised to read as bits): ``sum_i M_i w_i a_i / (8 sum_i M_i)``,
   so that a uniform 8-bit network costs 8 under every objective.
+
+A bitlength is a 0-d tensor, or a batch ``(m,)`` of candidate values (all batched ones of the same
+``m``, scalars broadcast): the cost is then one value per candidate, shape ``(m,)``.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ class LayerBits:
 def average_bits(layers: list[LayerBits]) -> Tensor:
     """The paper's average per-layer bitlength over weights and activations."""
     values = [l.weight_bits for l in layers] + [l.act_bits for l in layers if l.act_bits is not None]
-    return torch.stack(values).mean()
+    return torch.stack(torch.broadcast_tensors(*values)).mean(0)
 
 
 def memory_bits(layers: list[LayerBits]) -> Tensor:
     """Size-weighted weight bitlength ``sum P_i w_i / sum P_i``."""
     total = sum(l.params for l in layers)
-    return torch.stack([l.weight_bits * (l.params / total) for l in layers]).sum()
+    return torch.stack(torch.broadcast_tensors(*[l.weight_bits * (l.params / total)
+                                                 for l in layers])).sum(0)
 
 
 def bops_bits(layers: list[LayerBits]) -> Tensor:
@@ -49,7 +53,7 @@ def bops_bits(layers: list[LayerBits]) -> Tensor:
     for l in layers:
         act = l.act_bits if l.act_bits is not None else torch.tensor(32.0)
         terms.append(l.weight_bits * act * (l.macs / (8.0 * total)))
-    return torch.stack(terms).sum()
+    return torch.stack(torch.broadcast_tensors(*terms)).sum(0)
 
 
 def bit_cost(objective: str, layers: list[LayerBits]) -> Tensor:
