@@ -10,8 +10,8 @@ multiplicatively::
 so it grows while the bitlengths drift above the ramp and shrinks below it (lambda decides which
 groups give up bits: those whose task gradient is weaker than the cost's). Then every learnable
 bitlength is shifted by one common amount ``s`` so that the cost lies exactly on the ramp:
-``cost(clamp(n - s, min_bits, max_bits)) = b_t`` (a batched grid search on ``s``, :func:`shift_onto_budget`; the cost falls
-monotonically in ``s``). Lambda alone oscillates around the ramp, because Adam moves every
+``cost(clamp(n - s, min_bits, max_bits)) = b_t`` (a batched grid search on ``s``,
+:func:`shift_onto_budget`; the cost falls monotonically in ``s``). Lambda alone oscillates around the ramp, because Adam moves every
 bitlength at up to its learning rate per step whatever lambda's size; the shift removes the
 excursions while keeping the relative bitlengths lambda and the task loss chose. Only the
 bitlengths the cost depends on are shifted: with ``memory`` (a size budget) the activation
