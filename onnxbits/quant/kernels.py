@@ -8,7 +8,9 @@ every CUDA tensor; below :data:`SERIAL_MAX_NUMEL` elements a CPU kernel runs on 
 compilation fails (no C++ compiler, no Triton), a warning is logged and every later call runs
 eagerly. The kernels compute the same operations in the same order: forward values are identical
 to the last bit; gradients differ only in the order of the sums. The CUDA path (Triton kernels,
-no host synchronisation in the hot path) has not been run on a GPU yet.
+no host synchronisation in the hot path) has run on a GPU (an H200): ``tests/test_device.py``
+shrinks with ``--device cuda`` and verifies the emitted model in ONNX Runtime; no test compares
+the Triton and the eager kernels element by element on a GPU.
 """
 
 from __future__ import annotations
