@@ -9,12 +9,16 @@ onnx2torch graph on the same random input batch with Adam:
 * ``learn``: the graph with quantizers (:func:`onnxbits.insert.attach_quantizers` +
   :func:`onnxbits.insert.calibrate`), ``task + lambda * bit cost`` and the bitlengths clamped after
   the step, exactly as a learning-phase step of :func:`onnxbits.train.fine_tune`;
+* ``budget``: ``learn`` followed, as in budget mode (``--target-bits``), by the lambda update and
+  the shift of all bitlengths onto the ramp (:class:`onnxbits.budget.LambdaController`);
 * ``frozen``: the same after :func:`onnxbits.train.freeze_all` (task loss only, no bit params).
 
 Steps of all variants are interleaved (float, learn, frozen, float, ...) so that the noise of a
 shared machine hits them alike. Columns: median step time; ``ratio``, the median over rounds of
 step time / float step time of the same round; ``r(min)``, the ratio of the fastest steps;
-``r(cpu)``, the ratio in process CPU time; images/s of the step; bytes autograd saves for
+``r(cpu)``, the ratio in process CPU time; images/s of the step; ``ops``, the torch operations
+one step dispatches (top-level ``aten::`` calls, counted once with the profiler: on a GPU each is
+at least one kernel launch, so a step of small batches is bound by them); bytes autograd saves for
 backward; minor page faults per step; time of the first (compiling) steps; on CUDA the peak
 allocated memory of a step. The process's peak RSS after all steps is printed once.
 
@@ -55,6 +59,7 @@ prefer_passive_omp_wait()   # before torch loads, as the CLI does
 
 import torch  # noqa: E402
 
+from onnxbits.budget import LambdaController  # noqa: E402
 from onnxbits.cost import bit_cost  # noqa: E402
 from onnxbits.device import autocast, configure_cpu  # noqa: E402
 from onnxbits.importer import convert, find_sites  # noqa: E402
@@ -83,6 +88,7 @@ class Variant:
     faults: list[int] = field(default_factory=list)
     saved_bytes: int = 0
     cuda_peak: int = 0
+    ops: int = 0
 
 
 def resolve_model(name: str) -> Path:
@@ -118,8 +124,10 @@ def make_float_step(graph: torch.nn.Module, x: torch.Tensor, teacher: torch.Tens
 
 def make_quant_step(net: QuantizedNetwork, x: torch.Tensor, teacher: torch.Tensor,
                     cfg: TrainConfig, frozen: bool, device: str, amp: str | None,
-                    foreach: bool | None = None) -> Callable[[], None]:
-    """One step of :func:`onnxbits.train.fine_tune` in the learning or the frozen phase."""
+                    foreach: bool | None = None,
+                    controller: LambdaController | None = None) -> Callable[[], None]:
+    """One step of :func:`onnxbits.train.fine_tune` in the learning or the frozen phase; with
+    ``controller`` also the budget mode's lambda update and shift (at a fixed ramp step)."""
     groups = [{"params": net.weight_parameters(), "lr": cfg.lr},
               {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]
     if not frozen:
@@ -139,6 +147,8 @@ def make_quant_step(net: QuantizedNetwork, x: torch.Tensor, teacher: torch.Tenso
         if not frozen:
             for q in quantizers:
                 q.clamp_bits()
+        if controller is not None:
+            controller(0, cfg.lam, 0.0)
 
     return step
 
@@ -165,6 +175,22 @@ def saved_tensor_bytes(run: Callable[[], None]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return sum(seen.values())
+
+
+def dispatched_ops(run: Callable[[], None]) -> int:
+    """Top-level ``aten::`` operations of one step (those not called by another aten op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+
+    def top_level(event: object) -> bool:
+        parent = getattr(event, "cpu_parent", None)
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and top_level(e))
 
 
 def sync(device: str) -> None:
@@ -202,10 +228,14 @@ def build(args: argparse.Namespace) -> tuple[list[Variant], dict]:
     kernels = args.kernel.split(",") if args.kernel else [None]
     frozen_net = copy.deepcopy(net)
     freeze_all(frozen_net)
+    budget_net = copy.deepcopy(net)
     for k in kernels:
-        for phase, base in (("learn", net), ("frozen", frozen_net)):
-            step = make_quant_step(base if k == kernels[-1] else copy.deepcopy(base), x, teacher,
-                                   cfg, phase == "frozen", device, args.amp, args.foreach)
+        for phase, base in (("learn", net), ("budget", budget_net), ("frozen", frozen_net)):
+            trained = base if k == kernels[-1] else copy.deepcopy(base)
+            controller = (LambdaController(args.budget, 8.0, 10**6, net=trained)
+                          if phase == "budget" else None)
+            step = make_quant_step(trained, x, teacher, cfg, phase == "frozen", device, args.amp,
+                                   args.foreach, controller)
             variants.append(Variant(phase + (f" [{k}]" if len(kernels) > 1 else ""), step, k))
     info = {"model": path.name, "input_shape": list(shape), "sites": len(sites),
             "act_quantizers": len(net.acts), "fused_relu": fused}
@@ -222,6 +252,7 @@ def measure(variants: list[Variant], args: argparse.Namespace) -> None:
             sync(device)
             v.warmup_s = time.perf_counter() - started  # type: ignore[attr-defined]
             v.saved_bytes = saved_tensor_bytes(v.step)
+            v.ops = dispatched_ops(v.step)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 v.step()
@@ -252,7 +283,8 @@ def report(variants: list[Variant], info: dict, args: argparse.Namespace) -> dic
                      "ratio_of_min": min(v.times) / min(base.times), "cpu_ratio": cpu,
                      "images_per_s": args.batch_size / med, "saved_mb": v.saved_bytes / 2**20,
                      "cuda_peak_mb": v.cuda_peak / 2**20 if v.cuda_peak else None,
-                     "first_steps_s": getattr(v, "warmup_s", None), "times_s": v.times,
+                     "first_steps_s": getattr(v, "warmup_s", None), "ops": v.ops,
+                     "times_s": v.times,
                      "cpu_times_s": v.cpu_times,
                      "page_faults": statistics.median(v.faults)})
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -269,17 +301,19 @@ def report(variants: list[Variant], info: dict, args: argparse.Namespace) -> dic
           f"channels_last={args.channels_last}, amp={args.amp}, fused relu={info['fused_relu']}, "
           f"{args.steps} steps")
     print(f"{'variant':<20}{'median s':>9}{'min s':>8}{'ratio':>7}{'r(min)':>7}{'r(cpu)':>7}"
-          f"{'img/s':>8}{'saved MB':>9}{'faults':>8}{'first s':>8}"
+          f"{'img/s':>8}{'saved MB':>9}{'faults':>8}{'first s':>8}{'ops':>7}"
           + ("  cuda peak MB" if args.device == "cuda" else ""))
     for r in rows:
         line = (f"{r['variant']:<20}{r['median_s']:>9.4f}{r['min_s']:>8.4f}{r['ratio']:>7.2f}"
                 f"{r['ratio_of_min']:>7.2f}{r['cpu_ratio']:>7.2f}{r['images_per_s']:>8.1f}"
-                f"{r['saved_mb']:>9.1f}{r['page_faults']:>8.0f}{r['first_steps_s']:>8.2f}")
+                f"{r['saved_mb']:>9.1f}{r['page_faults']:>8.0f}{r['first_steps_s']:>8.2f}"
+                f"{r['ops']:>7}")
         if r["cuda_peak_mb"] is not None:
             line += f"{r['cuda_peak_mb']:>14.1f}"
         print(line)
     print("ratio: median of step / float step per round; r(min): of the fastest steps; r(cpu): "
-          f"in CPU time; faults: minor page faults per step; peak RSS {rss:.0f} MB")
+          f"in CPU time; faults: minor page faults per step; ops: torch operations per step; "
+          f"peak RSS {rss:.0f} MB")
     return result
 
 
@@ -322,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=4.0,
+                        help="average-bits budget of the 'budget' variant's shift")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--channels-last", action="store_true")
