@@ -111,6 +111,9 @@ class _ProgressView:
               help="Task loss: kd = distillation from the float model (no labels needed), "
                    "ce = cross-entropy on labels, kd+ce = both; auto = kd+ce when the data "
                    "has labels, else kd.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Distillation temperature T: kd = T^2 KL(softmax(teacher/T) || "
+                   "softmax(student/T)).")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
@@ -161,6 +164,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
             "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
+            "temperature",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

@@ -46,6 +46,7 @@ class ShrinkConfig:
     max_drop: float | None = None
     objective: str = "bits"
     loss: str = "auto"
+    temperature: float = 1.0
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -97,6 +98,7 @@ class ShrinkConfig:
             (self.bit_rounding in ROUNDINGS,
              f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

@@ -94,7 +94,12 @@ class StepRecord:
 
 def task_loss(student: Tensor, teacher: Tensor | None, labels: Tensor | None, kind: str,
               temperature: float) -> Tensor:
-    """Distillation (``kd``), cross-entropy (``ce``) or their sum (``kd+ce``)."""
+    """Distillation (``kd``), cross-entropy (``ce``) or their sum (``kd+ce``).
+
+    ``kd = T^2 KL(softmax(teacher / T) || softmax(student / T))`` (batch mean, ``T`` the
+    temperature; ``T^2`` keeps its gradient's scale independent of ``T``), ``ce`` on the labels at
+    temperature 1.
+    """
     student = _as_logits(student)
     teacher = _as_logits(teacher) if teacher is not None else None
     loss = student.new_zeros(())

@@ -119,6 +119,15 @@ def test_task_losses() -> None:
     assert float(both) == pytest.approx(float(ce), abs=1e-6)
 
 
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
+def test_kd_is_t_squared_kl_of_the_softened_distributions(t: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 7, generator=gen), torch.randn(5, 7, generator=gen)
+    p, q = torch.softmax(teacher / t, -1), torch.softmax(student / t, -1)
+    expected = t * t * float((p * (p.log() - q.log())).sum(-1).mean())
+    assert float(task_loss(student, teacher, None, "kd", t)) == pytest.approx(expected, rel=1e-5)
+
+
 def test_bias_lr_sets_its_own_group_and_zero_keeps_biases() -> None:
     s = setup()
     biases = [b.detach().clone() for b in s.net.bias_parameters()]
