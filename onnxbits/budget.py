@@ -140,11 +140,12 @@ def shift_onto_budget(net: QuantizedNetwork, objective: str, budget: float,
 
     Solves ``cost(clamp(n - s, min_bits, max_bits)) = budget`` for ``s`` in
     ``[-(max - min), max - min]``, where the cost falls monotonically in ``s``: each of ``rounds``
-    rounds evaluates the cost on ``points + 1`` evenly spaced shifts at once (:class:`ShiftedCost`)
-    and keeps the interval in which it crosses the budget (width ``2 (max - min) / points^rounds``
-    at the end: 1.4e-6 bits by default, about float32's resolution); the upper end is taken. When the budget is out of reach
-    the nearest end of the range is used. Everything stays on the bitlengths' device: one
-    host synchronisation, for the returned ``s`` (positive: bits went down).
+    rounds evaluates the cost on ``points + 1`` evenly spaced shifts at once
+    (:class:`ShiftedCost`) and keeps the interval in which it crosses the budget (width
+    ``2 (max - min) / points^rounds`` at the end: 1.4e-6 bits by default, about float32's
+    resolution); its upper end is taken. When the budget is out of reach the nearest end of the
+    range is used. Everything stays on the bitlengths' device: one host synchronisation, for the
+    returned ``s`` (positive: bits went down).
     """
     learnable = [q for q in cost_quantizers(net, objective) if not q.frozen]
     if not learnable:
@@ -159,11 +160,10 @@ def shift_onto_budget(net: QuantizedNetwork, objective: str, budget: float,
     for _ in range(rounds):   # invariant when reachable: cost(lo) > budget >= cost(hi)
         grid = lo + (hi - lo) * steps
         above = (cost(grid.to(dtype)) > budget).sum().clamp(1, points)
-        lo, hi = grid[above - 1], grid[above]
+        lo, hi = grid.index_select(0, torch.stack([above - 1, above]))  # no host sync
     s = torch.where(at_ends[0] >= budget, span, torch.where(at_ends[1] <= budget, -span, hi))
     s = s.to(dtype)
-    for q, bits in zip(learnable, cost.bits(s[None])[0].split(cost.sizes),
-                       strict=True):
+    for q, bits in zip(learnable, cost.bits(s[None])[0].split(cost.sizes), strict=True):
         q.bits.copy_(bits.reshape(q.bits.shape))
     return float(s)
 
