@@ -67,11 +67,12 @@ def figure(report: ModelReport) -> Any:
 def _bits_panel(ax: Any, x: Any, bar: float, rows: list[Any]) -> None:
     """Weight and activation bits per layer. Unquantized (float) tensors are drawn hatched at
     one bit above the highest quantized bitlength (labelled ``float``), so that 32-bit bars do not
-    squash the scale of the learned bits."""
+    squash the scale of the learned bits. A layer with per-channel weight bitlengths is drawn at
+    their mean (as the averages count it), with a tick at their maximum."""
     quantized = [r.weight_bits for r in rows if r.weight_quantized]
     quantized += [r.act_bits for r in rows if r.act_quantized]
     level = max(quantized + [8]) + 1
-    series = (("weight", -bar / 2, "#1f77b4", "weight_bits", "weight_quantized"),
+    series = (("weight", -bar / 2, "#1f77b4", "learned_weight_bits", "weight_quantized"),
               ("activation", bar / 2, "#ff7f0e", "act_bits", "act_quantized"))
     any_float = False
     for name, offset, color, bits, done in series:
@@ -82,6 +83,11 @@ def _bits_panel(ax: Any, x: Any, bar: float, rows: list[Any]) -> None:
             any_float = True
             ax.bar(x + offset, floats, bar, color="none", edgecolor=color, hatch="//",
                    label=f"{name} float")
+    channel = [(xi - bar / 2, r.weight_bits) for xi, r in zip(x, rows)
+               if r.weight_quantized and r.weight_bits_mean is not None]
+    if channel:
+        ax.scatter(*zip(*channel), marker="_", s=60, color="black", zorder=3,
+                   label="weight max (per channel)")
     ticks = list(range(0, level, 2 if level > 10 else 1))
     ax.set_yticks(ticks + ([level] if any_float else []),
                   [str(t) for t in ticks] + (["float"] if any_float else []))

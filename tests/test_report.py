@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -298,6 +299,18 @@ def test_plot_draws_float_tensors_just_above_the_learned_bits(mixed_report: Mode
     assert bits_axes.get_ylim()[1] == pytest.approx((learned + 1) * 1.08)
     labels = [t.get_text() for t in bits_axes.get_yticklabels()]
     assert labels[-1] == "float" and "32" not in labels
+
+
+def test_plot_draws_per_channel_weight_bits_at_their_mean_with_a_tick_at_the_max(
+        mixed_report: ModelReport) -> None:
+    first = next(i for i, r in enumerate(mixed_report.layers) if r.weight_quantized)
+    layer = mixed_report.layers[first]
+    mixed_report.layers[first] = dataclasses.replace(layer, weight_bits_mean=layer.weight_bits - 1.5)
+    bits_axes = figure(mixed_report).axes[0]
+    weight_bars = bits_axes.containers[0]
+    assert weight_bars[first].get_height() == pytest.approx(layer.weight_bits - 1.5)
+    ticks = [c for c in bits_axes.collections if c.get_label() == "weight max (per channel)"]
+    assert len(ticks) == 1 and ticks[0].get_offsets()[0][1] == layer.weight_bits
 
 
 def test_plot_many_layers_widens() -> None:
