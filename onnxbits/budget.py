@@ -11,11 +11,11 @@ so it grows while the bitlengths drift above the ramp and shrinks below it (lamb
 groups give up bits: those whose task gradient is weaker than the cost's). Then every learnable
 bitlength is shifted by one common amount ``s`` so that the cost lies exactly on the ramp:
 ``cost(clamp(n - s, min_bits, max_bits)) = b_t`` (a batched grid search on ``s``,
-:func:`shift_onto_budget`; the cost falls monotonically in ``s``). Lambda alone oscillates around the ramp, because Adam moves every
-bitlength at up to its learning rate per step whatever lambda's size; the shift removes the
-excursions while keeping the relative bitlengths lambda and the task loss chose. Only the
-bitlengths the cost depends on are shifted: with ``memory`` (a size budget) the activation
-bitlengths are left to the task loss.
+:func:`shift_onto_budget`; the cost falls monotonically in ``s``). Lambda alone oscillates around
+the ramp, because Adam moves every bitlength at up to its learning rate per step whatever
+lambda's size; the shift removes the excursions while keeping the relative bitlengths lambda and
+the task loss chose. Only the bitlengths the cost depends on are shifted: with ``memory`` (a size
+budget) the activation bitlengths are left to the task loss.
 
 At the freeze, the integer bits first follow the one freeze rule ``k = floor(n + 1/2)``; if the
 integer cost then lies outside the band ``[B - tolerance, B]`` (a budget is not exceeded), the
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from onnxbits.cost import LayerBits, bit_cost
+from onnxbits.cost import bit_cost
 from onnxbits.insert import QuantizedNetwork, layer_bits
 from onnxbits.quant.quantizer import BitQuantizer
 
@@ -118,18 +118,11 @@ class ShiftedCost:
         means = torch.zeros(len(s), len(self.count), dtype=bits.dtype, device=bits.device)
         means = means.index_add_(1, self.group, bits) / self.count
 
-        def value(q: BitQuantizer) -> Tensor:
+        def bits_of(q: BitQuantizer) -> Tensor:
             col = self.column.get(id(q))
             return q.effective_bits().mean() if col is None else means[:, col]
 
-        layers = []
-        for site in self.net.sites:
-            layer = self.net.layers[site.node]
-            tensor = self.net.layer_act.get(site.node)
-            act = value(self.net.acts[tensor]) if tensor in self.net.acts else None
-            layers.append(LayerBits(value(layer.wq), act, int(layer.float_weight().numel()),
-                                    layer.macs_per_sample))
-        return bit_cost(self.objective, layers)
+        return bit_cost(self.objective, layer_bits(self.net, bits_of))
 
 
 @torch.no_grad()

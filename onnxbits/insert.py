@@ -20,6 +20,7 @@ bounds, the fused clamp (like Relu/Hardtanh) does not.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -291,13 +292,17 @@ def pin_end_layers(net: QuantizedNetwork, bits: int) -> list[str]:
     return ends
 
 
-def layer_bits(net: QuantizedNetwork) -> list[LayerBits]:
-    """Differentiable per-layer bitlengths and sizes, in site order (for :mod:`onnxbits.cost`)."""
+def layer_bits(net: QuantizedNetwork,
+               bits_of: Callable[[BitQuantizer], Tensor] | None = None) -> list[LayerBits]:
+    """Per-layer bitlengths and sizes, in site order (for :mod:`onnxbits.cost`). A quantizer's
+    bitlength is ``bits_of(q)``, by default the differentiable mean of its
+    :meth:`BitQuantizer.effective_bits` over channels."""
+    bits_of = bits_of or (lambda q: q.effective_bits().mean())
     out = []
     for site in net.sites:
         layer = net.layers[site.node]
         tensor = net.layer_act.get(site.node)
-        act = net.acts[tensor].effective_bits().mean() if tensor in net.acts else None
-        out.append(LayerBits(layer.wq.effective_bits().mean(), act,
-                             int(layer.float_weight().numel()), layer.macs_per_sample))
+        act = bits_of(net.acts[tensor]) if tensor in net.acts else None
+        out.append(LayerBits(bits_of(layer.wq), act, int(layer.float_weight().numel()),
+                             layer.macs_per_sample))
     return out
