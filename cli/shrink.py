@@ -114,6 +114,9 @@ class _ProgressView:
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Distillation temperature T: kd = T^2 KL(softmax(teacher/T) || "
                    "softmax(student/T)).")
+@click.option("--act-drop", type=float, default=0.0, show_default=True, metavar="P",
+              help="QDrop: during the fine-tune each activation value skips quantization with "
+                   "probability P (0: never).")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
@@ -164,7 +167,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
             "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
-            "temperature",
+            "temperature", "act_drop",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

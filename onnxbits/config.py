@@ -47,6 +47,7 @@ class ShrinkConfig:
     objective: str = "bits"
     loss: str = "auto"
     temperature: float = 1.0
+    act_drop: float = 0.0
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -99,6 +100,7 @@ class ShrinkConfig:
              f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0 <= self.act_drop < 1, f"--act-drop must be in [0, 1), got {self.act_drop}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

@@ -154,7 +154,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
                        bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=loss, temperature=cfg.temperature,
-                       seed=cfg.seed, amp=cfg.amp_dtype())
+                       act_drop=cfg.act_drop, seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
@@ -195,8 +195,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
                                  batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
                                  alpha_lr=cfg.alpha_lr, loss=loss,
-                                 temperature=cfg.temperature, seed=cfg.seed + 1,
-                                 amp=cfg.amp_dtype())
+                                 temperature=cfg.temperature, act_drop=cfg.act_drop,
+                                 seed=cfg.seed + 1, amp=cfg.amp_dtype())
 
         def retune() -> None:
             net.graph.to(ctx.device)

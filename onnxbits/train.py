@@ -4,7 +4,9 @@ Phase 1 (``learn``, ``steps - frozen_steps`` steps): weights, clip values and fr
 bitlengths are trained on ``task + lambda * R`` (``R`` from :mod:`onnxbits.cost`). Then every
 bitlength is frozen with :func:`onnxbits.quant.quantizer.freeze_rule` (``k = floor(n + 1/2)``).
 Phase 2 (``frozen``, ``frozen_steps`` steps): weights and clip values are trained on ``task``
-alone at the integer bits, with a cosine-decaying learning rate.
+alone at the integer bits, with a cosine-decaying learning rate. With ``act_drop = p > 0`` (QDrop)
+each activation element keeps its float value with probability ``p`` in both phases (see
+:class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
 The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || softmax(s/T))``
 (no labels needed), or cross-entropy with labels. Logits shaped ``(N, C, 1, 1)`` are read as
@@ -25,7 +27,8 @@ the uninterrupted run would have. Apart from those checkpoints, no I/O and no pr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,6 +64,7 @@ class TrainConfig:
     objective: str = "bits"
     loss: str = "kd"                     # kd | ce | kd+ce
     temperature: float = 1.0
+    act_drop: float = 0.0                # QDrop probability on activation quantizers
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
@@ -169,7 +173,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     learn = cfg.learn_steps()
     save = checkpoint if run.dist.is_main else None    # only rank 0 writes checkpoints
     net.graph.eval()
-    with deferred_interrupt(enabled=checkpoint is not None) as guard:
+    with deferred_interrupt(enabled=checkpoint is not None) as guard, _act_drop(net, cfg.act_drop):
         for step in range(run.step, cfg.steps):
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
@@ -196,6 +200,18 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     if save is not None:
         save_checkpoint(save, run.state())
     return run.history
+
+
+@contextmanager
+def _act_drop(net: QuantizedNetwork, p: float) -> Iterator[None]:
+    """Set QDrop probability ``p`` on the activation quantizers, reset to 0 on exit."""
+    for q in net.acts.values():
+        q.drop = p
+    try:
+        yield
+    finally:
+        for q in net.acts.values():
+            q.drop = 0.0
 
 
 def _synced_freeze(freeze: Callable[[QuantizedNetwork], object],

@@ -451,3 +451,20 @@ def test_doctests_pass(module: object) -> None:
     result = doctest.testmod(module, verbose=False)  # type: ignore[arg-type]
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_drop_keeps_a_share_p_of_unquantized_values_and_the_rest_quantized(frozen: bool) -> None:
+    q = BitQuantizer(signed=False, min_bits=2, max_bits=4, init_bits=3.0, input_clamp=(0.0, 6.0))
+    q.init_alpha(torch.tensor(4.0))
+    if frozen:
+        q.freeze()
+    x = torch.linspace(0.01, 3.99, 20001)
+    x = x[(x * 105 / 4).frac() != 0]            # off the grids of steps 4/3, 4/7 and 4/15
+    quantized = q(x)
+    q.drop = 0.3
+    torch.manual_seed(0)
+    mixed = q(x)
+    kept = mixed == x
+    assert abs(float(kept.float().mean()) - 0.3) < 0.02
+    assert torch.equal(mixed[~kept], quantized[~kept])

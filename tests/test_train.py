@@ -137,3 +137,18 @@ def test_bias_lr_sets_its_own_group_and_zero_keeps_biases() -> None:
     assert all(torch.equal(b, a) for b, a in zip(biases, s.net.bias_parameters(), strict=True))
     assert any(not torch.equal(w, a) for w, a in zip(kernels, s.net.kernel_parameters(),
                                                      strict=True))
+
+
+def test_act_drop_is_active_during_the_fine_tune_only() -> None:
+    s = setup()
+    seen: list[float] = []
+
+    def check(record: StepRecord) -> None:
+        seen.extend(q.drop for q in s.net.acts.values())
+        seen.extend(layer.wq.drop for layer in s.net.layers.values())
+
+    run(s, TrainConfig(steps=4, frozen_steps=2, batch_size=16, lam=0.1, act_drop=0.5),
+        on_step=check)
+    n_acts, n_weights = len(s.net.acts), len(s.net.layers)
+    assert n_acts > 0 and seen == ([0.5] * n_acts + [0.0] * n_weights) * 4
+    assert all(q.drop == 0.0 for q in s.net.quantizers())

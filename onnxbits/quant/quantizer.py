@@ -37,6 +37,9 @@ class BitQuantizer(nn.Module):
     in one kernel without storing the clamped tensor (see :meth:`quantized_input`).
     ``rounding="ste"`` replaces the floor/ceil interpolation of the learning phase by a
     round-STE bitlength (:mod:`onnxbits.quant.ste`; an ablation, slower).
+    ``drop = p > 0`` (QDrop, set by the fine-tune on activation quantizers) keeps each element's
+    unquantized value with probability ``p``: ``forward(x) = where(u < p, x', Q(x', n))``, ``u``
+    uniform on ``[0, 1)`` per element, ``x'`` the (clamped) input.
     """
 
     def __init__(self, *, signed: bool, narrow: bool = False, num_channels: int = 1,
@@ -64,6 +67,7 @@ class BitQuantizer(nn.Module):
         self.enabled = True
         self.exec_bits: int | None = None
         self.input_clamp = input_clamp
+        self.drop = 0.0
 
     def extra_repr(self) -> str:
         bits = self.frozen_bits if self.frozen else self.bits.detach()
@@ -125,6 +129,13 @@ class BitQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.quantized_input(x)
+        y = self._quantize(x)
+        if self.drop <= 0:
+            return y
+        keep = torch.rand(y.shape, device=y.device) < self.drop
+        return torch.where(keep, self.quantized_input(x).to(y.dtype), y)
+
+    def _quantize(self, x: Tensor) -> Tensor:
         # One autograd node per call: alpha = exp(log_alpha) and the clamp/floor of the bits are
         # computed inside (see fakequant.learned_quant); the arithmetic stays in float32.
         axis = self.channel_axis if self.log_alpha.numel() > 1 else None
