@@ -14,7 +14,15 @@ from onnxbits.cli.options import preprocess_from_options, preprocess_options
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from onnxbits.config import AMP_CHOICES, AUGMENTS, GRANULARITIES, LOSSES, ROUNDINGS, ShrinkConfig
+from onnxbits.config import (
+    AMP_CHOICES,
+    AUGMENTS,
+    GRANULARITIES,
+    LOSSES,
+    ROUNDINGS,
+    WEIGHT_ROUNDINGS,
+    ShrinkConfig,
+)
 from onnxbits.cost import OBJECTIVES
 from onnxbits.emit import TARGETS
 
@@ -117,6 +125,14 @@ class _ProgressView:
 @click.option("--act-drop", type=float, default=0.0, show_default=True, metavar="P",
               help="QDrop: during the fine-tune each activation value skips quantization with "
                    "probability P (0: never).")
+@click.option("--weight-rounding", type=click.Choice(WEIGHT_ROUNDINGS), default="nearest",
+              show_default=True,
+              help="learned = learn each weight's rounding (up or down) in the first 80 % of the "
+                   "frozen-bit phase (AdaRound), instead of fine-tuning the weights there.")
+@click.option("--rounding-lr", type=float, default=5e-2, show_default=True,
+              help="Learning rate of the rounding logits (--weight-rounding learned).")
+@click.option("--rounding-reg", type=float, default=1e-4, show_default=True,
+              help="Weight of the penalty that drives each rounding to up or down.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
@@ -167,7 +183,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
             "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
-            "temperature", "act_drop",
+            "temperature", "act_drop", "weight_rounding", "rounding_lr", "rounding_reg",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

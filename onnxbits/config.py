@@ -14,6 +14,7 @@ from onnxbits.quant.quantizer import ROUNDINGS
 LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
+WEIGHT_ROUNDINGS = ("nearest", "learned")
 AUGMENTS = ("none", "flip")
 
 
@@ -48,6 +49,9 @@ class ShrinkConfig:
     loss: str = "auto"
     temperature: float = 1.0
     act_drop: float = 0.0
+    weight_rounding: str = "nearest"
+    rounding_lr: float = 5e-2
+    rounding_reg: float = 1e-4
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -101,6 +105,11 @@ class ShrinkConfig:
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (0 <= self.act_drop < 1, f"--act-drop must be in [0, 1), got {self.act_drop}"),
+            (self.weight_rounding in WEIGHT_ROUNDINGS,
+             f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+             f"got {self.weight_rounding!r}"),
+            (self.rounding_lr >= 0, f"--rounding-lr must be >= 0, got {self.rounding_lr}"),
+            (self.rounding_reg >= 0, f"--rounding-reg must be >= 0, got {self.rounding_reg}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

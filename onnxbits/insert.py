@@ -31,6 +31,7 @@ from torch import Tensor, fx, nn
 from onnxbits.cost import LayerBits
 from onnxbits.importer import CONV_TYPES, Site, is_unsigned_tensor
 from onnxbits.quant.quantizer import BitQuantizer
+from onnxbits.quant.rounding import LearnedRounding
 
 
 class QuantWeightLayer(nn.Module):
@@ -45,6 +46,7 @@ class QuantWeightLayer(nn.Module):
         if matmul_weight is not None:
             self.weight = nn.Parameter(matmul_weight.detach().clone())
         self.macs_per_sample = 0
+        self.rounding: LearnedRounding | None = None
 
     def float_weight(self) -> nn.Parameter:
         """The trainable float weight (torch layout)."""
@@ -55,7 +57,10 @@ class QuantWeightLayer(nn.Module):
         return None if self.site_op == "MatMul" else self.inner.bias
 
     def forward(self, x: Tensor, *ignored: Tensor) -> Tensor:
-        w = self.wq(self.float_weight())
+        if self.rounding is not None:
+            w = self.rounding().to(self.float_weight().dtype)
+        else:
+            w = self.wq(self.float_weight())
         if self.site_op == "Conv":
             return self.inner._conv_forward(x, w, self.inner.bias)
         if self.site_op == "Gemm":
@@ -88,6 +93,25 @@ class QuantizedNetwork:
         order: the names reports use for quantizer groups."""
         return ([(f"{node} (weights)", layer.wq) for node, layer in self.layers.items()]
                 + [(f"{tensor} (activation)", q) for tensor, q in self.acts.items()])
+
+    def start_learned_rounding(self) -> None:
+        """Round every site weight with a :class:`LearnedRounding` at its frozen bits."""
+        for layer in self.layers.values():
+            layer.rounding = LearnedRounding(layer.float_weight(), layer.wq)
+
+    def finish_learned_rounding(self) -> None:
+        """Replace every float weight by its hard learned rounding (a grid point) and go back to
+        the frozen quantizers."""
+        for layer in self.layers.values():
+            if layer.rounding is not None:
+                with torch.no_grad():
+                    weight = layer.float_weight()
+                    weight.copy_(layer.rounding.hard_weight().to(weight.dtype))
+                layer.rounding = None
+
+    def roundings(self) -> list[LearnedRounding]:
+        """The active learned roundings (empty outside the learned-rounding phase)."""
+        return [layer.rounding for layer in self.layers.values() if layer.rounding is not None]
 
     def bit_parameters(self) -> list[nn.Parameter]:
         """The learnable bitlengths."""

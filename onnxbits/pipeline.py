@@ -154,7 +154,9 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
                        bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=loss, temperature=cfg.temperature,
-                       act_drop=cfg.act_drop, seed=cfg.seed, amp=cfg.amp_dtype())
+                       act_drop=cfg.act_drop, weight_rounding=cfg.weight_rounding,
+                       rounding_lr=cfg.rounding_lr, rounding_reg=cfg.rounding_reg,
+                       seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),

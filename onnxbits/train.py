@@ -4,7 +4,11 @@ Phase 1 (``learn``, ``steps - frozen_steps`` steps): weights, clip values and fr
 bitlengths are trained on ``task + lambda * R`` (``R`` from :mod:`onnxbits.cost`). Then every
 bitlength is frozen with :func:`onnxbits.quant.quantizer.freeze_rule` (``k = floor(n + 1/2)``).
 Phase 2 (``frozen``, ``frozen_steps`` steps): weights and clip values are trained on ``task``
-alone at the integer bits, with a cosine-decaying learning rate. With ``act_drop = p > 0`` (QDrop)
+alone at the integer bits, with a cosine-decaying learning rate. With ``weight_rounding="learned"``
+the first 80 % of phase 2 learn each weight's rounding instead of the weights
+(:mod:`onnxbits.quant.rounding`; loss ``task + rounding_reg * R(V, beta)``, no penalty in the
+first 20 % of them, then ``beta`` from 20 down to 2); the weights then become their hard
+roundings and the last 20 % fine-tune as without it. With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
@@ -65,12 +69,29 @@ class TrainConfig:
     loss: str = "kd"                     # kd | ce | kd+ce
     temperature: float = 1.0
     act_drop: float = 0.0                # QDrop probability on activation quantizers
+    weight_rounding: str = "nearest"     # nearest | learned (AdaRound in the frozen phase)
+    rounding_lr: float = 5e-2            # Adam, rounding logits V
+    rounding_reg: float = 1e-4           # weight of the rounding penalty (summed over weights)
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
     def learn_steps(self) -> int:
         """Steps of the learning phase."""
         return self.steps - self.n_frozen()
+
+    def rounding_steps(self) -> int:
+        """Frozen-phase steps with learned rounding (80 % of them; 0 with nearest rounding)."""
+        if self.weight_rounding != "learned":
+            return 0
+        return int(round(0.8 * self.n_frozen()))
+
+    def rounding_beta(self, j: int) -> float | None:
+        """Penalty exponent at learned-rounding step ``j``: None (no penalty) in the first 20 %,
+        then ``beta`` falling linearly from 20 to 2."""
+        t = j / max(self.rounding_steps(), 1)
+        if t < 0.2:
+            return None
+        return 20.0 - 18.0 * (t - 0.2) / 0.8
 
     def n_frozen(self) -> int:
         """Steps of the frozen-bit phase."""
@@ -135,7 +156,15 @@ def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.opt
         lo, hi = net.quantizers()[0].min_bits, net.quantizers()[0].max_bits
         default = 2.0 * max(hi - lo, 1) / max(cfg.learn_steps(), 1)
         groups.append({"params": net.bit_parameters(), "lr": cfg.bits_lr or default})
+    roundings = net.roundings()
+    if roundings:
+        groups.append({"params": [r.logits for r in roundings], "lr": cfg.rounding_lr})
     return torch.optim.Adam(groups)
+
+
+def _rounding_penalty(net: QuantizedNetwork, beta: float) -> Tensor:
+    """``R(V, beta)`` summed over every weight of every layer."""
+    return torch.stack([r.penalty(beta) for r in net.roundings()]).sum()
 
 
 def freeze_all(net: QuantizedNetwork) -> None:
@@ -178,6 +207,12 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
                 run.new_optimizer(bits=False)
+            if step == learn and cfg.rounding_steps() > 0 and not net.roundings():
+                net.start_learned_rounding()
+                run.new_optimizer(bits=False)
+            if step == learn + cfg.rounding_steps() and net.roundings():
+                net.finish_learned_rounding()
+                run.new_optimizer(bits=False)
             record = _train_step(run, step, fetch, teacher_logits)
             run.history.append(record)
             if lam_schedule is not None and record.phase == "learn":
@@ -197,6 +232,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                 save_checkpoint(save, run.state())
     if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
+    net.finish_learned_rounding()
     if save is not None:
         save_checkpoint(save, run.state())
     return run.history
@@ -278,10 +314,12 @@ class _Run:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.net.graph.load_state_dict(state["graph"])
         for q, flags in zip(self.net.quantizers(), state["quantizers"], strict=True):
             q.frozen, q.enabled, q.exec_bits = flags["frozen"], flags["enabled"], flags["exec_bits"]
             q.bits.requires_grad_(flags["bits_grad"])
+        if any(".rounding." in key for key in state["graph"]):
+            self.net.start_learned_rounding()       # the modules whose state is loaded next
+        self.net.graph.load_state_dict(state["graph"])
         self.new_optimizer(bits=state["opt_bits"])
         self.opt.load_state_dict(state["optimizer"])
         self.base_lrs = list(state["base_lrs"])
@@ -318,6 +356,9 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()
         loss = task
+        beta = cfg.rounding_beta(step - learn)
+        if beta is not None and net.roundings():
+            loss = loss + cfg.rounding_reg * _rounding_penalty(net, beta)
     else:
         cost = bit_cost(cfg.objective, layers)
         loss = task + run.lam * cost

@@ -160,9 +160,12 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--augment", "crop"), r"Invalid value for '--augment'"),
     (("--temperature", "0"), r"--temperature must be > 0"),
     (("--act-drop", "1"), r"--act-drop must be in \[0, 1\)"),
+    (("--weight-rounding", "up"), r"Invalid value for '--weight-rounding'"),
+    (("--rounding-reg", "-1"), r"--rounding-reg must be >= 0"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding",
-        "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1"])
+        "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1",
+        "unknown-weight-rounding", "negative-rounding-reg"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -317,13 +320,14 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
                     "-o", out, "--pin-ends", "--bit-rounding", "ste", "--alpha-lr", "0",
                     "--target-bits", "5", "--bias-lr", "0.01", "--augment", "flip",
-                    "--bias-correction", "--temperature", "2", "--act-drop", "0.25")
+                    "--bias-correction", "--temperature", "2", "--act-drop", "0.25",
+                    "--weight-rounding", "learned")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
     assert (config["pin_ends"], config["bit_rounding"], config["alpha_lr"]) == (True, "ste", 0.0)
     assert (config["bias_lr"], config["augment"], config["temperature"]) == (0.01, "flip", 2.0)
-    assert config["act_drop"] == 0.25
+    assert (config["act_drop"], config["weight_rounding"]) == (0.25, "learned")
     assert report["data"]["n_train_views"] == 2 * report["data"]["n_train"]
     assert config["bias_correction"] and report["bias_correction"]
     layers = report["layers"]

@@ -346,3 +346,21 @@ def test_cli_resume_with_other_options_fails_clearly(cli_workspace: Path,
     assert "out.ckpt was written by a run with other options or another model (--lambda: " \
            "0.05 then, 0.2 now); rerun with the same options" in other.stderr
     assert not (root / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("step", [6, 9, 13], ids=["first-rounding-step", "mid-rounding",
+                                                  "last-rounding-step"])
+def test_resume_inside_learned_rounding_matches_the_uninterrupted_run(step: int,
+                                                                       tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=16, frozen_steps=10, batch_size=8, lam=0.5, seed=3,
+                      weight_rounding="learned", rounding_reg=1e-2)   # rounding: steps 6-13
+    run = fresh()
+    history = run.fine_tune(cfg)
+    reference = (run.bits(), run.net.graph.state_dict(), history, run.emitted())
+    spec = CheckpointSpec(tmp_path / "run.ckpt", every=0)
+    with pytest.raises(KeyboardInterrupt):
+        fresh().fine_tune(cfg, checkpoint=spec, on_step=interrupt_at(step))
+    resumed = fresh()
+    resumed_history = resumed.fine_tune(cfg, checkpoint=CheckpointSpec(spec.path, every=0,
+                                                                       resume=True))
+    assert_same_as_reference(resumed, resumed_history, reference)

@@ -152,3 +152,20 @@ def test_act_drop_is_active_during_the_fine_tune_only() -> None:
     n_acts, n_weights = len(s.net.acts), len(s.net.layers)
     assert n_acts > 0 and seen == ([0.5] * n_acts + [0.0] * n_weights) * 4
     assert all(q.drop == 0.0 for q in s.net.quantizers())
+
+
+def test_learned_rounding_ends_on_the_grid_and_verifies() -> None:
+    s = setup()
+    cfg = TrainConfig(steps=30, frozen_steps=20, batch_size=16, lam=0.5,
+                      weight_rounding="learned", rounding_reg=1e-2)
+    active: list[bool] = []
+    history = run(s, cfg, on_step=lambda r: active.append(bool(s.net.roundings())))
+    assert cfg.rounding_steps() == 16
+    assert active == [False] * 10 + [True] * 16 + [False] * 4   # steps 10-25 learn the rounding
+    assert not s.net.roundings() and all(np.isfinite(r.loss) for r in history)
+    for layer in s.net.layers.values():
+        w, q = layer.float_weight().detach(), layer.wq
+        with torch.no_grad():
+            assert torch.equal(q(w), q(q(w)))                  # the weight is its own grid point
+    emitted = emit(s.model, s.net, "exact-sim")
+    assert verify(emitted, s.net, [s.x[:16]], "exact-sim").max_steps <= 1
