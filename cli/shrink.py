@@ -128,7 +128,9 @@ class _ProgressView:
 @click.option("--weight-rounding", type=click.Choice(WEIGHT_ROUNDINGS), default="nearest",
               show_default=True,
               help="learned = learn each weight's rounding (up or down) in the first 80 % of the "
-                   "frozen-bit phase (AdaRound), instead of fine-tuning the weights there.")
+                   "frozen-bit phase (AdaRound: soft roundings driven to 0/1), instead of "
+                   "fine-tuning the weights there; learned-ste = the same with hard roundings in "
+                   "the forward pass.")
 @click.option("--rounding-lr", type=float, default=5e-2, show_default=True,
               help="Learning rate of the rounding logits (--weight-rounding learned).")
 @click.option("--rounding-reg", type=float, default=1e-4, show_default=True,

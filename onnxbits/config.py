@@ -14,7 +14,7 @@ from onnxbits.quant.quantizer import ROUNDINGS
 LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
-WEIGHT_ROUNDINGS = ("nearest", "learned")
+WEIGHT_ROUNDINGS = ("nearest", "learned", "learned-ste")
 AUGMENTS = ("none", "flip")
 
 

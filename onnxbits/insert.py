@@ -94,10 +94,10 @@ class QuantizedNetwork:
         return ([(f"{node} (weights)", layer.wq) for node, layer in self.layers.items()]
                 + [(f"{tensor} (activation)", q) for tensor, q in self.acts.items()])
 
-    def start_learned_rounding(self) -> None:
+    def start_learned_rounding(self, hard: bool = False) -> None:
         """Round every site weight with a :class:`LearnedRounding` at its frozen bits."""
         for layer in self.layers.values():
-            layer.rounding = LearnedRounding(layer.float_weight(), layer.wq)
+            layer.rounding = LearnedRounding(layer.float_weight(), layer.wq, hard=hard)
 
     def finish_learned_rounding(self) -> None:
         """Replace every float weight by its hard learned rounding (a grid point) and go back to
@@ -117,9 +117,10 @@ class QuantizedNetwork:
         """The learnable bitlengths."""
         return [q.bits for q in self.quantizers()]
 
-    def alpha_parameters(self) -> list[nn.Parameter]:
-        """The learnable clip values (log-parametrised)."""
-        return [q.log_alpha for q in self.quantizers()]
+    def alpha_parameters(self, weights: bool = True) -> list[nn.Parameter]:
+        """The learnable clip values (log-parametrised); activations only without ``weights``."""
+        quantizers = self.quantizers() if weights else list(self.acts.values())
+        return [q.log_alpha for q in quantizers]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Site weights and biases: the only float parameters that are fine-tuned."""

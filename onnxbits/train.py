@@ -69,7 +69,7 @@ class TrainConfig:
     loss: str = "kd"                     # kd | ce | kd+ce
     temperature: float = 1.0
     act_drop: float = 0.0                # QDrop probability on activation quantizers
-    weight_rounding: str = "nearest"     # nearest | learned (AdaRound in the frozen phase)
+    weight_rounding: str = "nearest"     # nearest | learned | learned-ste (frozen phase)
     rounding_lr: float = 5e-2            # Adam, rounding logits V
     rounding_reg: float = 1e-4           # weight of the rounding penalty (summed over weights)
     seed: int = 0
@@ -81,7 +81,7 @@ class TrainConfig:
 
     def rounding_steps(self) -> int:
         """Frozen-phase steps with learned rounding (80 % of them; 0 with nearest rounding)."""
-        if self.weight_rounding != "learned":
+        if self.weight_rounding == "nearest":
             return 0
         return int(round(0.8 * self.n_frozen()))
 
@@ -149,9 +149,11 @@ def _as_logits(x: Tensor) -> Tensor:
 
 def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.optim.Optimizer:
     bias_lr = cfg.lr if cfg.bias_lr is None else cfg.bias_lr
+    # learned rounding sets the weight grids: their clip values stay fixed from then on
+    learned = not bits and cfg.weight_rounding != "nearest"
     groups = [{"params": net.kernel_parameters(), "lr": cfg.lr},
               {"params": net.bias_parameters(), "lr": bias_lr},
-              {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]
+              {"params": net.alpha_parameters(weights=not learned), "lr": cfg.alpha_lr}]
     if bits:
         lo, hi = net.quantizers()[0].min_bits, net.quantizers()[0].max_bits
         default = 2.0 * max(hi - lo, 1) / max(cfg.learn_steps(), 1)
@@ -208,7 +210,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                 freeze(net)
                 run.new_optimizer(bits=False)
             if step == learn and cfg.rounding_steps() > 0 and not net.roundings():
-                net.start_learned_rounding()
+                net.start_learned_rounding(hard=cfg.weight_rounding == "learned-ste")
                 run.new_optimizer(bits=False)
             if step == learn + cfg.rounding_steps() and net.roundings():
                 net.finish_learned_rounding()

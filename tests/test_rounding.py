@@ -63,3 +63,14 @@ def test_needs_frozen_bits() -> None:
     q = BitQuantizer(signed=True, narrow=True, num_channels=2)
     with pytest.raises(ValueError, match="frozen"):
         LearnedRounding(torch.ones(2, 3), q)
+
+
+def test_hard_rounding_forwards_the_hard_weight_with_the_soft_gradient() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(3, 5)
+    rounding = LearnedRounding(w, frozen_weight_quantizer(3, 3, w.abs().amax(dim=1)), hard=True)
+    out = rounding()
+    assert torch.equal(out.detach(), rounding.hard_weight())
+    out.sum().backward()
+    grad = rounding.logits.grad
+    assert grad is not None and bool((grad != 0).any())

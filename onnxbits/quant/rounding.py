@@ -35,10 +35,16 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
 
 
 class LearnedRounding(nn.Module):
-    """The rounding of one weight tensor at its quantizer's frozen bits and clip values."""
+    """The rounding of one weight tensor at its quantizer's frozen bits and clip values.
 
-    def __init__(self, weight: Tensor, quantizer: BitQuantizer) -> None:
+    ``hard=True``: the forward pass uses the hard rounding ``1[h(V) >= 1/2]`` and the backward
+    pass the gradient of the soft ``h(V)`` (straight-through), so that the loss is always that of
+    a quantized weight.
+    """
+
+    def __init__(self, weight: Tensor, quantizer: BitQuantizer, hard: bool = False) -> None:
         super().__init__()
+        self.hard = hard
         if not quantizer.frozen:
             raise ValueError("learned rounding needs a quantizer with frozen bits")
         shape = [1] * weight.dim()
@@ -59,8 +65,11 @@ class LearnedRounding(nn.Module):
         self.logits = nn.Parameter(inverse_rectified_sigmoid(scaled - self.base))
 
     def forward(self) -> Tensor:
-        """The soft-rounded weight ``W(V)``."""
-        q = torch.clamp(self.base + rectified_sigmoid(self.logits), self.qmin, self.qmax)
+        """The soft-rounded weight ``W(V)`` (hard-rounded with ``hard``)."""
+        h = rectified_sigmoid(self.logits)
+        if self.hard:
+            h = h + ((h >= 0.5).to(h.dtype) - h).detach()
+        q = torch.clamp(self.base + h, self.qmin, self.qmax)
         return q * self.step
 
     def penalty(self, beta: float) -> Tensor:
