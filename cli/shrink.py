@@ -125,6 +125,9 @@ class _ProgressView:
 @click.option("--act-drop", type=float, default=0.0, show_default=True, metavar="P",
               help="QDrop: during the fine-tune each activation value skips quantization with "
                    "probability P (0: never).")
+@click.option("--feature-kd", type=float, default=0.0, show_default=True, metavar="W",
+              help="Add W x the feature loss: each quantized layer's output against the float "
+                   "model's (relative squared error, averaged over layers).")
 @click.option("--weight-rounding", type=click.Choice(WEIGHT_ROUNDINGS), default="nearest",
               show_default=True,
               help="learned = learn each weight's rounding (up or down) in the first 80 % of the "
@@ -185,7 +188,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
             "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
-            "temperature", "act_drop", "weight_rounding", "rounding_lr", "rounding_reg",
+            "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr", "rounding_reg",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

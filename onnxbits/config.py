@@ -49,6 +49,7 @@ class ShrinkConfig:
     loss: str = "auto"
     temperature: float = 1.0
     act_drop: float = 0.0
+    feature_kd: float = 0.0
     weight_rounding: str = "nearest"
     rounding_lr: float = 5e-2
     rounding_reg: float = 1e-4
@@ -105,6 +106,7 @@ class ShrinkConfig:
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (0 <= self.act_drop < 1, f"--act-drop must be in [0, 1), got {self.act_drop}"),
+            (self.feature_kd >= 0, f"--feature-kd must be >= 0, got {self.feature_kd}"),
             (self.weight_rounding in WEIGHT_ROUNDINGS,
              f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
              f"got {self.weight_rounding!r}"),

@@ -154,7 +154,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
                        bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=loss, temperature=cfg.temperature,
-                       act_drop=cfg.act_drop, weight_rounding=cfg.weight_rounding,
+                       act_drop=cfg.act_drop, feature_kd=cfg.feature_kd,
+                       weight_rounding=cfg.weight_rounding,
                        rounding_lr=cfg.rounding_lr, rounding_reg=cfg.rounding_reg,
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
@@ -177,9 +178,12 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
 
     emit_event(on_event, "stage", name="fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
+    taps_graph = float_graph.to(ctx.device) if cfg.feature_kd > 0 else None
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
-                        lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx)
+                        lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
+                        float_graph=taps_graph)
+    float_graph.cpu()
     tuned = time.perf_counter() - tuned
     close(ctx)
     if not ctx.is_main:

@@ -14,7 +14,8 @@ each activation element keeps its float value with probability ``p`` in both pha
 
 The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || softmax(s/T))``
 (no labels needed), or cross-entropy with labels. Logits shaped ``(N, C, 1, 1)`` are read as
-``(N, C)``.
+``(N, C)``. With ``feature_kd = w > 0`` and the float graph, the task loss adds ``w * L_feat``
+(every site's output against the float model's, :mod:`onnxbits.features`).
 
 The network may sit on any device: batches and teacher logits go to the device of its parameters,
 and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
@@ -39,13 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
 from onnxbits.device import autocast
 from onnxbits.distributed import DistContext, any_rank, average_gradients, broadcast_, shard
 from onnxbits.errors import ConfigError
+from onnxbits.features import FeatureTaps
 from onnxbits.insert import QuantizedNetwork, layer_bits
 from onnxbits.sampler import BatchSampler, batch_indices
 
@@ -69,6 +71,7 @@ class TrainConfig:
     loss: str = "kd"                     # kd | ce | kd+ce
     temperature: float = 1.0
     act_drop: float = 0.0                # QDrop probability on activation quantizers
+    feature_kd: float = 0.0              # weight of the feature loss (needs the float graph)
     weight_rounding: str = "nearest"     # nearest | learned | learned-ste (frozen phase)
     rounding_lr: float = 5e-2            # Adam, rounding logits V
     rounding_reg: float = 1e-4           # weight of the rounding penalty (summed over weights)
@@ -181,7 +184,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
               lam_schedule: Callable[[int, float, float], float] | None = None,
               freeze: Callable[[QuantizedNetwork], object] | None = None,
               checkpoint: CheckpointSpec | None = None,
-              dist: DistContext | None = None) -> list[StepRecord]:
+              dist: DistContext | None = None,
+              float_graph: nn.Module | None = None) -> list[StepRecord]:
     """Run both phases; ``fetch(indices) -> (inputs, labels or None)``.
 
     ``lam_schedule(step, lam, cost) -> lam`` may adapt lambda during the learning phase;
@@ -190,8 +194,11 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     KeyboardInterrupt arrives (from Ctrl-C or raised by ``on_step``), which is then re-raised;
     ``checkpoint.resume`` continues from the saved state (and returns the whole history).
     With ``dist`` (several processes) every process must call this with the same arguments;
-    ``fetch`` receives the process's shard of each global batch.
+    ``fetch`` receives the process's shard of each global batch. ``float_graph`` (on the
+    network's device) is needed when ``cfg.feature_kd > 0``.
     """
+    if cfg.feature_kd > 0 and float_graph is None:
+        raise ValueError("feature_kd > 0 needs the float graph")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
     run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), dist)
@@ -204,7 +211,10 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     learn = cfg.learn_steps()
     save = checkpoint if run.dist.is_main else None    # only rank 0 writes checkpoints
     net.graph.eval()
-    with deferred_interrupt(enabled=checkpoint is not None) as guard, _act_drop(net, cfg.act_drop):
+    taps = FeatureTaps(net, float_graph) if cfg.feature_kd > 0 and float_graph else None
+    run.taps = taps
+    with (deferred_interrupt(enabled=checkpoint is not None) as guard,
+          _act_drop(net, cfg.act_drop), _closing(taps)):
         for step in range(run.step, cfg.steps):
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
@@ -238,6 +248,15 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     if save is not None:
         save_checkpoint(save, run.state())
     return run.history
+
+
+@contextmanager
+def _closing(taps: FeatureTaps | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if taps is not None:
+            taps.close()
 
 
 @contextmanager
@@ -296,6 +315,7 @@ class _Run:
         self.device = _device(net)
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
+        self.taps: FeatureTaps | None = None
         self.history: list[StepRecord] = []
         self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
@@ -352,8 +372,12 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     if teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     with autocast(run.device, cfg.amp):
+        if run.taps is not None:
+            run.taps.run_teacher(x)
         out = net(x)
     task = task_loss(out.float(), teacher, labels, cfg.loss, cfg.temperature)
+    if run.taps is not None:
+        task = task + cfg.feature_kd * run.taps.loss()
     layers = layer_bits(net)
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()

@@ -162,10 +162,11 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--act-drop", "1"), r"--act-drop must be in \[0, 1\)"),
     (("--weight-rounding", "up"), r"Invalid value for '--weight-rounding'"),
     (("--rounding-reg", "-1"), r"--rounding-reg must be >= 0"),
+    (("--feature-kd", "-1"), r"--feature-kd must be >= 0"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding",
         "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1",
-        "unknown-weight-rounding", "negative-rounding-reg"])
+        "unknown-weight-rounding", "negative-rounding-reg", "negative-feature-kd"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -321,13 +322,14 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
                     "-o", out, "--pin-ends", "--bit-rounding", "ste", "--alpha-lr", "0",
                     "--target-bits", "5", "--bias-lr", "0.01", "--augment", "flip",
                     "--bias-correction", "--temperature", "2", "--act-drop", "0.25",
-                    "--weight-rounding", "learned")
+                    "--weight-rounding", "learned", "--feature-kd", "0.5")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
     assert (config["pin_ends"], config["bit_rounding"], config["alpha_lr"]) == (True, "ste", 0.0)
     assert (config["bias_lr"], config["augment"], config["temperature"]) == (0.01, "flip", 2.0)
-    assert (config["act_drop"], config["weight_rounding"]) == (0.25, "learned")
+    assert (config["act_drop"], config["weight_rounding"], config["feature_kd"]) == (
+        0.25, "learned", 0.5)
     assert report["data"]["n_train_views"] == 2 * report["data"]["n_train"]
     assert config["bias_correction"] and report["bias_correction"]
     layers = report["layers"]
