@@ -130,14 +130,11 @@ class _ProgressView:
                    "model's (relative squared error, averaged over layers).")
 @click.option("--weight-rounding", type=click.Choice(WEIGHT_ROUNDINGS), default="nearest",
               show_default=True,
-              help="learned = learn each weight's rounding (up or down) in the first 80 % of the "
-                   "frozen-bit phase (AdaRound: soft roundings driven to 0/1), instead of "
-                   "fine-tuning the weights there; learned-ste = the same with hard roundings in "
-                   "the forward pass.")
-@click.option("--rounding-lr", type=float, default=5e-2, show_default=True,
+              help="learned = learn whether each weight rounds down or up in the first 80 % of "
+                   "the frozen-bit phase (AdaRound's parametrisation, hard roundings with a "
+                   "straight-through gradient) instead of fine-tuning the weights there.")
+@click.option("--rounding-lr", type=float, default=1e-2, show_default=True,
               help="Learning rate of the rounding logits (--weight-rounding learned).")
-@click.option("--rounding-reg", type=float, default=1e-4, show_default=True,
-              help="Weight of the penalty that drives each rounding to up or down.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
@@ -188,7 +185,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
             "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
-            "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr", "rounding_reg",
+            "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

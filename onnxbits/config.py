@@ -14,7 +14,7 @@ from onnxbits.quant.quantizer import ROUNDINGS
 LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
-WEIGHT_ROUNDINGS = ("nearest", "learned", "learned-ste")
+WEIGHT_ROUNDINGS = ("nearest", "learned")
 AUGMENTS = ("none", "flip")
 
 
@@ -51,8 +51,7 @@ class ShrinkConfig:
     act_drop: float = 0.0
     feature_kd: float = 0.0
     weight_rounding: str = "nearest"
-    rounding_lr: float = 5e-2
-    rounding_reg: float = 1e-4
+    rounding_lr: float = 1e-2
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -111,7 +110,6 @@ class ShrinkConfig:
              f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
              f"got {self.weight_rounding!r}"),
             (self.rounding_lr >= 0, f"--rounding-lr must be >= 0, got {self.rounding_lr}"),
-            (self.rounding_reg >= 0, f"--rounding-reg must be >= 0, got {self.rounding_reg}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

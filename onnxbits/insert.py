@@ -94,10 +94,10 @@ class QuantizedNetwork:
         return ([(f"{node} (weights)", layer.wq) for node, layer in self.layers.items()]
                 + [(f"{tensor} (activation)", q) for tensor, q in self.acts.items()])
 
-    def start_learned_rounding(self, hard: bool = False) -> None:
+    def start_learned_rounding(self) -> None:
         """Round every site weight with a :class:`LearnedRounding` at its frozen bits."""
         for layer in self.layers.values():
-            layer.rounding = LearnedRounding(layer.float_weight(), layer.wq, hard=hard)
+            layer.rounding = LearnedRounding(layer.float_weight(), layer.wq)
 
     def finish_learned_rounding(self) -> None:
         """Replace every float weight by its hard learned rounding (a grid point) and go back to

@@ -156,7 +156,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        objective=objective, loss=loss, temperature=cfg.temperature,
                        act_drop=cfg.act_drop, feature_kd=cfg.feature_kd,
                        weight_rounding=cfg.weight_rounding,
-                       rounding_lr=cfg.rounding_lr, rounding_reg=cfg.rounding_reg,
+                       rounding_lr=cfg.rounding_lr,
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,

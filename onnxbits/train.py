@@ -5,10 +5,10 @@ bitlengths are trained on ``task + lambda * R`` (``R`` from :mod:`onnxbits.cost`
 bitlength is frozen with :func:`onnxbits.quant.quantizer.freeze_rule` (``k = floor(n + 1/2)``).
 Phase 2 (``frozen``, ``frozen_steps`` steps): weights and clip values are trained on ``task``
 alone at the integer bits, with a cosine-decaying learning rate. With ``weight_rounding="learned"``
-the first 80 % of phase 2 learn each weight's rounding instead of the weights
-(:mod:`onnxbits.quant.rounding`; loss ``task + rounding_reg * R(V, beta)``, no penalty in the
-first 20 % of them, then ``beta`` from 20 down to 2); the weights then become their hard
-roundings and the last 20 % fine-tune as without it. With ``act_drop = p > 0`` (QDrop)
+the first 80 % of phase 2 learn whether each weight rounds down or up
+(:mod:`onnxbits.quant.rounding`) instead of fine-tuning the weights, with the weights' clip
+values fixed; the weights then become those roundings and the last 20 % fine-tune as without
+it (the weights' clip values still fixed). With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
@@ -72,9 +72,8 @@ class TrainConfig:
     temperature: float = 1.0
     act_drop: float = 0.0                # QDrop probability on activation quantizers
     feature_kd: float = 0.0              # weight of the feature loss (needs the float graph)
-    weight_rounding: str = "nearest"     # nearest | learned | learned-ste (frozen phase)
-    rounding_lr: float = 5e-2            # Adam, rounding logits V
-    rounding_reg: float = 1e-4           # weight of the rounding penalty (summed over weights)
+    weight_rounding: str = "nearest"     # nearest | learned (frozen phase)
+    rounding_lr: float = 1e-2            # Adam, rounding logits V
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
@@ -87,14 +86,6 @@ class TrainConfig:
         if self.weight_rounding == "nearest":
             return 0
         return int(round(0.8 * self.n_frozen()))
-
-    def rounding_beta(self, j: int) -> float | None:
-        """Penalty exponent at learned-rounding step ``j``: None (no penalty) in the first 20 %,
-        then ``beta`` falling linearly from 20 to 2."""
-        t = j / max(self.rounding_steps(), 1)
-        if t < 0.2:
-            return None
-        return 20.0 - 18.0 * (t - 0.2) / 0.8
 
     def n_frozen(self) -> int:
         """Steps of the frozen-bit phase."""
@@ -167,11 +158,6 @@ def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.opt
     return torch.optim.Adam(groups)
 
 
-def _rounding_penalty(net: QuantizedNetwork, beta: float) -> Tensor:
-    """``R(V, beta)`` summed over every weight of every layer."""
-    return torch.stack([r.penalty(beta) for r in net.roundings()]).sum()
-
-
 def freeze_all(net: QuantizedNetwork) -> None:
     """Freeze every quantizer's bitlength with the one freeze rule."""
     for q in net.quantizers():
@@ -220,7 +206,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                 freeze(net)
                 run.new_optimizer(bits=False)
             if step == learn and cfg.rounding_steps() > 0 and not net.roundings():
-                net.start_learned_rounding(hard=cfg.weight_rounding == "learned-ste")
+                net.start_learned_rounding()
                 run.new_optimizer(bits=False)
             if step == learn + cfg.rounding_steps() and net.roundings():
                 net.finish_learned_rounding()
@@ -382,9 +368,6 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()
         loss = task
-        beta = cfg.rounding_beta(step - learn)
-        if beta is not None and net.roundings():
-            loss = loss + cfg.rounding_reg * _rounding_penalty(net, beta)
     else:
         cost = bit_cost(cfg.objective, layers)
         loss = task + run.lam * cost

@@ -161,12 +161,12 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--temperature", "0"), r"--temperature must be > 0"),
     (("--act-drop", "1"), r"--act-drop must be in \[0, 1\)"),
     (("--weight-rounding", "up"), r"Invalid value for '--weight-rounding'"),
-    (("--rounding-reg", "-1"), r"--rounding-reg must be >= 0"),
+    (("--rounding-lr", "-1"), r"--rounding-lr must be >= 0"),
     (("--feature-kd", "-1"), r"--feature-kd must be >= 0"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding",
         "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1",
-        "unknown-weight-rounding", "negative-rounding-reg", "negative-feature-kd"])
+        "unknown-weight-rounding", "negative-rounding-lr", "negative-feature-kd"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)

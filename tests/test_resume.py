@@ -353,7 +353,7 @@ def test_cli_resume_with_other_options_fails_clearly(cli_workspace: Path,
 def test_resume_inside_learned_rounding_matches_the_uninterrupted_run(step: int,
                                                                        tmp_path: Path) -> None:
     cfg = TrainConfig(steps=16, frozen_steps=10, batch_size=8, lam=0.5, seed=3,
-                      weight_rounding="learned", rounding_reg=1e-2)   # rounding: steps 6-13
+                      weight_rounding="learned")   # rounding: steps 6-13
     run = fresh()
     history = run.fine_tune(cfg)
     reference = (run.bits(), run.net.graph.state_dict(), history, run.emitted())

@@ -157,7 +157,7 @@ def test_act_drop_is_active_during_the_fine_tune_only() -> None:
 def test_learned_rounding_ends_on_the_grid_and_verifies() -> None:
     s = setup()
     cfg = TrainConfig(steps=30, frozen_steps=20, batch_size=16, lam=0.5,
-                      weight_rounding="learned", rounding_reg=1e-2)
+                      weight_rounding="learned")
     active: list[bool] = []
     history = run(s, cfg, on_step=lambda r: active.append(bool(s.net.roundings())))
     assert cfg.rounding_steps() == 16

@@ -1,16 +1,19 @@
-"""Learned weight rounding (AdaRound, Nagel et al. 2020) for weights at frozen bits.
+"""Learned weight rounding for weights at frozen bits (AdaRound's parametrisation, hard forward).
 
 With the frozen bitlength ``k`` and the step ``s = alpha / qmax_k`` of every channel held fixed,
-a weight ``w`` is quantized as::
+each weight ``w`` may round down or up::
 
-    W(V) = s * clamp(floor(w / s) + h(V), qmin_k, qmax_k)
+    W(V) = s * clamp(floor(w / s) + 1[h(V) >= 1/2], qmin_k, qmax_k)
     h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),   zeta = 1.1, gamma = -0.1
 
-with one ``V`` per weight, initialised so that ``h(V) = frac(w / s)`` (``W(V) = w`` inside the
-clip range). The penalty ``R(V, beta) = sum(1 - |2 h(V) - 1|^beta)`` pushes every ``h`` to 0 or 1.
-:meth:`LearnedRounding.hard_weight` is ``s * clamp(floor(w / s) + 1[h(V) >= 1/2], qmin, qmax)``:
-a grid point, so nearest rounding (the frozen quantizer and the emitted graph) reproduces it
-exactly once it replaces the float weight.
+with one logit ``V`` per weight, initialised so that ``h(V) = frac(w / s)`` (so ``W(V)`` starts
+as nearest rounding). The forward pass uses the hard rounding and the backward pass the gradient
+of the soft ``h(V)`` (straight-through): ``dW/dV = s * dh/dV`` inside the clip range. AdaRound's
+soft forward ``floor(w / s) + h(V)`` with a penalty driving ``h`` to 0 or 1 needs thousands of
+steps to settle; with the frozen phase's few hundred the soft weights never became hard.
+:meth:`LearnedRounding.hard_weight` is ``W(V)`` without gradient: a grid point, so nearest
+rounding (the frozen quantizer and the emitted graph) reproduces it exactly once it replaces the
+float weight.
 """
 
 from __future__ import annotations
@@ -35,16 +38,10 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
 
 
 class LearnedRounding(nn.Module):
-    """The rounding of one weight tensor at its quantizer's frozen bits and clip values.
+    """The up/down rounding of one weight tensor at its quantizer's frozen bits and clip values."""
 
-    ``hard=True``: the forward pass uses the hard rounding ``1[h(V) >= 1/2]`` and the backward
-    pass the gradient of the soft ``h(V)`` (straight-through), so that the loss is always that of
-    a quantized weight.
-    """
-
-    def __init__(self, weight: Tensor, quantizer: BitQuantizer, hard: bool = False) -> None:
+    def __init__(self, weight: Tensor, quantizer: BitQuantizer) -> None:
         super().__init__()
-        self.hard = hard
         if not quantizer.frozen:
             raise ValueError("learned rounding needs a quantizer with frozen bits")
         shape = [1] * weight.dim()
@@ -57,34 +54,21 @@ class LearnedRounding(nn.Module):
             -qmax - 1 if quantizer.signed else torch.zeros_like(qmax))
         step = (quantizer.alpha().detach() / qmax).reshape(shape)
         scaled = weight.detach().float() / step
+        bits_shape = shape if bits.numel() > 1 else [1] * weight.dim()
         self.register_buffer("step", step)
         self.register_buffer("base", torch.floor(scaled))
-        bits_shape = shape if bits.numel() > 1 else [1] * weight.dim()
         self.register_buffer("qmin", qmin.reshape(bits_shape))
         self.register_buffer("qmax", qmax.reshape(bits_shape))
         self.logits = nn.Parameter(inverse_rectified_sigmoid(scaled - self.base))
 
     def forward(self) -> Tensor:
-        """The soft-rounded weight ``W(V)`` (hard-rounded with ``hard``)."""
+        """``W(V)``, with the straight-through gradient of ``h(V)``."""
         h = rectified_sigmoid(self.logits)
-        if self.hard:
-            h = h + ((h >= 0.5).to(h.dtype) - h).detach()
-        q = torch.clamp(self.base + h, self.qmin, self.qmax)
-        return q * self.step
-
-    def penalty(self, beta: float) -> Tensor:
-        """``R(V, beta) = sum(1 - |2 h(V) - 1|^beta)``."""
-        h = rectified_sigmoid(self.logits)
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+        h = h + ((h >= 0.5).to(h.dtype) - h).detach()
+        return torch.clamp(self.base + h, self.qmin, self.qmax) * self.step
 
     @torch.no_grad()
     def hard_weight(self) -> Tensor:
-        """``s * clamp(floor(w / s) + 1[h(V) >= 1/2], qmin, qmax)``."""
+        """``W(V)`` as a plain tensor: ``s * clamp(floor(w / s) + 1[h(V) >= 1/2], qmin, qmax)``."""
         up = (rectified_sigmoid(self.logits) >= 0.5).to(self.base.dtype)
         return torch.clamp(self.base + up, self.qmin, self.qmax) * self.step
-
-    @torch.no_grad()
-    def undecided(self) -> float:
-        """Share of weights whose ``h(V)`` is strictly between 0 and 1."""
-        h = rectified_sigmoid(self.logits)
-        return float(((h > 0) & (h < 1)).float().mean())
