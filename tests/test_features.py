@@ -29,7 +29,8 @@ def test_feature_loss_is_zero_without_quantization_and_matches_its_formula() -> 
     student = {k: v.detach().clone() for k, v in taps.student.items()}
     expected = sum(float(((student[k] - t) ** 2).sum() / (t**2).sum())
                    for k, t in teacher.items()) / len(teacher)
-    assert len(teacher) == len(s.net.sites) and float(taps.loss().detach()) == pytest.approx(expected)
+    assert len(teacher) == len(s.net.sites)
+    assert float(taps.loss().detach()) == pytest.approx(expected)
     taps.close()
     s.net(x)
     assert not taps.student
