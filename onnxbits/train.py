@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -197,10 +197,10 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     learn = cfg.learn_steps()
     save = checkpoint if run.dist.is_main else None    # only rank 0 writes checkpoints
     net.graph.eval()
-    taps = FeatureTaps(net, float_graph) if cfg.feature_kd > 0 and float_graph else None
-    run.taps = taps
+    if cfg.feature_kd > 0 and float_graph is not None:     # not None: checked above
+        run.taps = FeatureTaps(net, float_graph)
     with (deferred_interrupt(enabled=checkpoint is not None) as guard,
-          _act_drop(net, cfg.act_drop), _closing(taps)):
+          _act_drop(net, cfg.act_drop), closing(run.taps) if run.taps else nullcontext()):
         for step in range(run.step, cfg.steps):
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
@@ -234,15 +234,6 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     if save is not None:
         save_checkpoint(save, run.state())
     return run.history
-
-
-@contextmanager
-def _closing(taps: FeatureTaps | None) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        if taps is not None:
-            taps.close()
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from onnxbits.quant.kernels import levels
 from onnxbits.quant.quantizer import BitQuantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -49,9 +50,7 @@ class LearnedRounding(nn.Module):
         if axis is not None:
             shape[axis] = -1
         bits = quantizer.frozen_bits.detach()
-        qmax = torch.exp2(bits - 1) - 1 if quantizer.signed else torch.exp2(bits) - 1
-        qmin = -qmax if quantizer.signed and quantizer.narrow else (
-            -qmax - 1 if quantizer.signed else torch.zeros_like(qmax))
+        qmin, qmax = levels(bits, quantizer.signed, quantizer.narrow)
         step = (quantizer.alpha().detach() / qmax).reshape(shape)
         scaled = weight.detach().float() / step
         bits_shape = shape if bits.numel() > 1 else [1] * weight.dim()
