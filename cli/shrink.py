@@ -86,7 +86,9 @@ class _ProgressView:
               help="Adam learning rate of the biases [default: --lr].")
 @click.option("--augment", type=click.Choice(AUGMENTS), default="none", show_default=True,
               help="flip: fine-tune on each image and its horizontal mirror (teacher logits of "
-                   "both computed once); for natural images, not for text or digits.")
+                   "both computed once); crop: a fresh random resized crop (25-100%% of the "
+                   "area, mirrored half the time) of every image at every step, the float "
+                   "model's logits on it as teacher. For natural images, not text or digits.")
 @click.option("--alpha-lr", type=float, default=1e-2, show_default=True,
               help="Adam learning rate of the clip values (log-parametrised); 0 keeps the "
                    "calibrated min-max values.")

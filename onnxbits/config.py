@@ -15,7 +15,7 @@ LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
 WEIGHT_ROUNDINGS = ("nearest", "learned")
-AUGMENTS = ("none", "flip")
+AUGMENTS = ("none", "flip", "crop")
 
 
 @dataclass(frozen=True)

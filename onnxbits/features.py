@@ -39,10 +39,10 @@ class FeatureTaps:
         return record
 
     @torch.no_grad()
-    def run_teacher(self, x: Tensor) -> None:
-        """Record the float graph's site outputs for batch ``x``."""
+    def run_teacher(self, x: Tensor) -> Tensor:
+        """Record the float graph's site outputs for batch ``x``; returns its output."""
         self.teacher.clear()
-        self.float_graph(x)
+        return self.float_graph(x)
 
     def loss(self) -> Tensor:
         """``L_feat`` of the last student and teacher passes (float32); clears the records."""

@@ -157,6 +157,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        act_drop=cfg.act_drop, feature_kd=cfg.feature_kd,
                        weight_rounding=cfg.weight_rounding,
                        rounding_lr=cfg.rounding_lr,
+                       augment="crop" if cfg.augment == "crop" else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
@@ -178,11 +179,12 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
 
     emit_event(on_event, "stage", name="fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
-    taps_graph = float_graph.to(ctx.device) if cfg.feature_kd > 0 else None
+    online = cfg.feature_kd > 0 or cfg.augment == "crop"
+    online_graph = float_graph.to(ctx.device) if online else None
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
-                        float_graph=taps_graph)
+                        float_graph=online_graph)
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     close(ctx)

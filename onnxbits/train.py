@@ -15,7 +15,9 @@ each activation element keeps its float value with probability ``p`` in both pha
 The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || softmax(s/T))``
 (no labels needed), or cross-entropy with labels. Logits shaped ``(N, C, 1, 1)`` are read as
 ``(N, C)``. With ``feature_kd = w > 0`` and the float graph, the task loss adds ``w * L_feat``
-(every site's output against the float model's, :mod:`onnxbits.features`).
+(every site's output against the float model's, :mod:`onnxbits.features`). With
+``augment = "crop"`` every batch is replaced by random resized crops (:mod:`onnxbits.augment`,
+drawn from (seed, step, rank) alone) and the teacher logits are the float graph's on those crops.
 
 The network may sit on any device: batches and teacher logits go to the device of its parameters,
 and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onnxbits.augment import random_crops, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
 from onnxbits.device import autocast
@@ -74,6 +77,7 @@ class TrainConfig:
     feature_kd: float = 0.0              # weight of the feature loss (needs the float graph)
     weight_rounding: str = "nearest"     # nearest | learned (frozen phase)
     rounding_lr: float = 1e-2            # Adam, rounding logits V
+    augment: str = "none"                # none | crop (random crops, float graph as teacher)
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
@@ -181,10 +185,10 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     ``checkpoint.resume`` continues from the saved state (and returns the whole history).
     With ``dist`` (several processes) every process must call this with the same arguments;
     ``fetch`` receives the process's shard of each global batch. ``float_graph`` (on the
-    network's device) is needed when ``cfg.feature_kd > 0``.
+    network's device) is needed when ``cfg.feature_kd > 0`` or ``cfg.augment == "crop"``.
     """
-    if cfg.feature_kd > 0 and float_graph is None:
-        raise ValueError("feature_kd > 0 needs the float graph")
+    if (cfg.feature_kd > 0 or cfg.augment == "crop") and float_graph is None:
+        raise ValueError("feature_kd > 0 and augment='crop' need the float graph")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
     run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), dist)
@@ -197,8 +201,11 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     learn = cfg.learn_steps()
     save = checkpoint if run.dist.is_main else None    # only rank 0 writes checkpoints
     net.graph.eval()
-    if cfg.feature_kd > 0 and float_graph is not None:     # not None: checked above
-        run.taps = FeatureTaps(net, float_graph)
+    if float_graph is not None:
+        float_graph.eval()
+        run.teacher_graph = float_graph if cfg.augment == "crop" else None
+        if cfg.feature_kd > 0:
+            run.taps = FeatureTaps(net, float_graph)
     with (deferred_interrupt(enabled=checkpoint is not None) as guard,
           _act_drop(net, cfg.act_drop), closing(run.taps) if run.taps else nullcontext()):
         for step in range(run.step, cfg.steps):
@@ -293,6 +300,7 @@ class _Run:
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
         self.taps: FeatureTaps | None = None
+        self.teacher_graph: nn.Module | None = None    # online teacher (augment="crop")
         self.history: list[StepRecord] = []
         self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
@@ -330,6 +338,16 @@ class _Run:
         self.history = [StepRecord(**r) for r in state["history"]]
 
 
+def _float_pass(run: _Run, x: Tensor) -> Tensor | None:
+    """The float graph's output on ``x`` where the step needs it (feature taps, online teacher)."""
+    if run.taps is not None:
+        return run.taps.run_teacher(x)
+    if run.teacher_graph is not None:
+        with torch.no_grad():
+            return run.teacher_graph(x)
+    return None
+
+
 def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
                 teacher_logits: Tensor | None) -> StepRecord:
     """One optimizer step of the learning or the frozen phase."""
@@ -346,12 +364,15 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     x = x.to(run.device, non_blocking=True)
     labels = labels.to(run.device) if labels is not None else None
     teacher = None
-    if teacher_logits is not None:
+    if run.teacher_graph is not None:
+        x = random_crops(x, step_generator(cfg.seed, step, run.dist.rank))
+    elif teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     with autocast(run.device, cfg.amp):
-        if run.taps is not None:
-            run.taps.run_teacher(x)
+        float_out = _float_pass(run, x)
         out = net(x)
+    if run.teacher_graph is not None and float_out is not None:
+        teacher = float_out.float()
     task = task_loss(out.float(), teacher, labels, cfg.loss, cfg.temperature)
     if run.taps is not None:
         task = task + cfg.feature_kd * run.taps.loss()

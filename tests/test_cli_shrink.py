@@ -157,7 +157,7 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--alpha-lr", "-1"), r"--alpha-lr must be >= 0"),
     (("--bit-rounding", "floor"), r"Invalid value for '--bit-rounding'"),
     (("--bias-lr", "-1"), r"--bias-lr must be >= 0"),
-    (("--augment", "crop"), r"Invalid value for '--augment'"),
+    (("--augment", "rotate"), r"Invalid value for '--augment'"),
     (("--temperature", "0"), r"--temperature must be > 0"),
     (("--act-drop", "1"), r"--act-drop must be in \[0, 1\)"),
     (("--weight-rounding", "up"), r"Invalid value for '--weight-rounding'"),
@@ -314,6 +314,18 @@ def test_every_option_of_every_command_has_help() -> None:
     assert not missing
     for name, command in main.commands.items():
         assert (command.help or "").strip(), name
+
+
+def test_random_crops_fine_tune_and_emit_a_verified_model(workspace: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--augment", "crop")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["augment"] == "crop"
+    assert "n_train_views" not in report["data"]
+    assert report["verification"]["max_steps"] <= 1 and out.is_file()
 
 
 def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ class Run:
     net: QuantizedNetwork
     x: torch.Tensor
     teacher: torch.Tensor
+    graph: torch.nn.Module
 
     def fine_tune(self, cfg: TrainConfig = CFG, **kwargs: object) -> list[StepRecord]:
         """Run :func:`fine_tune` on this model's data."""
@@ -64,7 +65,7 @@ def fresh() -> Run:
     with torch.no_grad():
         teacher = graph(x)
     calibrate(net, [x[:24], x[24:]])
-    return Run(model, net, x, teacher)
+    return Run(model, net, x, teacher, graph)
 
 
 @pytest.fixture(scope="module")
@@ -363,4 +364,23 @@ def test_resume_inside_learned_rounding_matches_the_uninterrupted_run(step: int,
     resumed = fresh()
     resumed_history = resumed.fine_tune(cfg, checkpoint=CheckpointSpec(spec.path, every=0,
                                                                        resume=True))
+    assert_same_as_reference(resumed, resumed_history, reference)
+
+
+@pytest.mark.parametrize("step", [3, 9], ids=["learning", "frozen"])
+def test_resume_with_random_crops_matches_the_uninterrupted_run(step: int,
+                                                                 tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=12, frozen_steps=4, batch_size=8, lam=0.5, seed=3, augment="crop")
+    run = fresh()
+    history = run.fine_tune(cfg, float_graph=run.graph)
+    reference = (run.bits(), run.net.graph.state_dict(), history, run.emitted())
+    spec = CheckpointSpec(tmp_path / "run.ckpt", every=0)
+    interrupted = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fine_tune(cfg, checkpoint=spec, on_step=interrupt_at(step),
+                              float_graph=interrupted.graph)
+    resumed = fresh()
+    resumed_history = resumed.fine_tune(cfg, checkpoint=CheckpointSpec(spec.path, every=0,
+                                                                       resume=True),
+                                        float_graph=resumed.graph)
     assert_same_as_reference(resumed, resumed_history, reference)

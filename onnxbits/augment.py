@@ -1,0 +1,81 @@
+"""Random resized crops of image batches for the fine-tune (``--augment crop``).
+
+Each image of an ``(N, C, H, W)`` batch is replaced by a crop covering a fraction
+``s ~ U(scale)`` of its area with aspect ratio ``r = exp(U(log ratio))``: width ``W min(1,
+sqrt(s r))``, height ``H min(1, sqrt(s / r))``, placed uniformly at random inside the image,
+mirrored left-right with probability 1/2, and resampled bilinearly back to ``H x W``
+(:func:`torch.nn.functional.grid_sample`, ``align_corners=False``, border padding). In the
+normalized coordinates of :func:`torch.nn.functional.affine_grid` a crop is the map
+``x_in = flip * w * x_out + cx``, ``y_in = h * y_out + cy`` with ``|cx| <= 1 - w`` and
+``|cy| <= 1 - h`` (``w``, ``h`` the width and height fractions). Cropping a normalized batch
+equals normalizing the cropped images: per-channel affine maps commute with bilinear resampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCALE = (0.25, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class Crops:
+    """One crop per image: width/height fractions, centres (in [-1, 1]) and mirror signs."""
+
+    width: Tensor
+    height: Tensor
+    cx: Tensor
+    cy: Tensor
+    flip: Tensor     # -1.0 (mirrored) or 1.0
+
+    def theta(self) -> Tensor:
+        """The ``(N, 2, 3)`` affine matrices for :func:`torch.nn.functional.affine_grid`."""
+        theta = torch.zeros(len(self.width), 2, 3)
+        theta[:, 0, 0] = self.flip * self.width
+        theta[:, 0, 2] = self.cx
+        theta[:, 1, 1] = self.height
+        theta[:, 1, 2] = self.cy
+        return theta
+
+
+def sample_crops(n: int, generator: torch.Generator,
+                 scale: tuple[float, float] = SCALE,
+                 ratio: tuple[float, float] = RATIO) -> Crops:
+    """Draw ``n`` crops (on the CPU, from ``generator`` alone) as the module docstring states."""
+    u = torch.rand(n, 5, generator=generator, dtype=torch.float64)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, 1])
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - width)
+    cy = (2 * u[:, 3] - 1) * (1 - height)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0).double()
+    return Crops(*(t.float() for t in (width, height, cx, cy, flip)))
+
+
+def apply_crops(x: Tensor, crops: Crops) -> Tensor:
+    """Resample each image of ``x`` (N, C, H, W) to its crop at the same size."""
+    theta = crops.theta().to(device=x.device, dtype=torch.float32)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.to(x.dtype)
+
+
+def random_crops(x: Tensor, generator: torch.Generator) -> Tensor:
+    """:func:`apply_crops` with crops from :func:`sample_crops` (default scale and ratio)."""
+    if x.dim() != 4:
+        raise ValueError(f"random crops need (N, C, H, W) images, got shape {tuple(x.shape)}")
+    return apply_crops(x, sample_crops(x.shape[0], generator))
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, rank): resumed runs draw the same crops."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + rank)
