@@ -103,6 +103,7 @@ ABLATIONS: dict[str, dict] = {
     "first and last layer kept at 8 bits": {"pin_ends": True},
     "bias correction after the fine-tune (output means re-estimated)": {"bias_correction": True},
     "horizontal flips (each image and its mirror)": {"augment": "flip"},
+    "random resized crops (new crop per step, float model as online teacher)": {"augment": "crop"},
     "bias learning rate 1e-3": {"bias_lr": 1e-3},
     "learned weight rounding (down/up, frozen phase)": {"weight_rounding": "learned"},
     "feature distillation (weight 1)": {"feature_kd": 1.0},

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from onnxbits.quant.fakequant import frozen_quant, learned_quant
+from onnxbits.quant.kernels import levels
 from onnxbits.quant.ste import round_ste_quant
 
 ROUNDINGS = ("interp", "ste")
@@ -114,11 +115,7 @@ class BitQuantizer(nn.Module):
 
     def step(self) -> Tensor:
         """Quantization step ``alpha / qmax`` at the bits used in forward (frozen or exec)."""
-        bits = self._forward_bits()
-        if self.signed:
-            qmax = torch.exp2(bits - 1) - 1
-        else:
-            qmax = torch.exp2(bits) - 1
+        _, qmax = levels(self._forward_bits(), self.signed, self.narrow)
         return self.alpha() / qmax
 
     def _forward_bits(self) -> Tensor:
