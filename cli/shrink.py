@@ -95,6 +95,10 @@ class _ProgressView:
 @click.option("--bit-rounding", type=click.Choice(ROUNDINGS), default="interp", show_default=True,
               help="How a fractional bitlength quantizes while it is learned: interp = "
                    "BitPruning's floor/ceil interpolation, ste = round-STE (slower, an ablation).")
+@click.option("--bit-anneal", type=float, default=0.0, show_default=True, metavar="F",
+              help="Over the last fraction F of the learning phase, sharpen the floor/ceil "
+                   "interpolation of each fractional bitlength geometrically from 1x to 100x, "
+                   "so that the network meets its integer bits before they are frozen (0: off).")
 @click.option("--bias-correction", is_flag=True,
               help="After the fine-tune, shift each layer's bias so that its per-channel output "
                    "mean matches the float model's on the calibration images.")
@@ -186,7 +190,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
 
     pre = preprocess_from_options(**options)
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
-            "bit_rounding", "pin_ends", "bias_correction", "bits_lr", "lam", "objective", "loss",
+            "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
+            "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",

@@ -37,6 +37,7 @@ class ShrinkConfig:
     alpha_lr: float = 1e-2
     augment: str = "none"
     bit_rounding: str = "interp"
+    bit_anneal: float = 0.0
     pin_ends: bool = False
     bias_correction: bool = False
     bits_lr: float | None = None
@@ -102,6 +103,7 @@ class ShrinkConfig:
              f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
             (self.bit_rounding in ROUNDINGS,
              f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
+            (0 <= self.bit_anneal <= 1, f"--bit-anneal must be in [0, 1], got {self.bit_anneal}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (0 <= self.act_drop < 1, f"--act-drop must be in [0, 1), got {self.act_drop}"),

@@ -3,6 +3,9 @@
 Phase 1 (``learn``, ``steps - frozen_steps`` steps): weights, clip values and fractional
 bitlengths are trained on ``task + lambda * R`` (``R`` from :mod:`onnxbits.cost`). Then every
 bitlength is frozen with :func:`onnxbits.quant.quantizer.freeze_rule` (``k = floor(n + 1/2)``).
+With ``bit_anneal = f > 0`` the last fraction ``f`` of phase 1
+sharpens the floor/ceil interpolation towards that rounding (:meth:`TrainConfig.sharpness`,
+:mod:`onnxbits.quant.fakequant`), so that the freeze changes little.
 Phase 2 (``frozen``, ``frozen_steps`` steps): weights and clip values are trained on ``task``
 alone at the integer bits, with a cosine-decaying learning rate. With ``weight_rounding="learned"``
 the first 80 % of phase 2 learn whether each weight rounds down or up
@@ -58,6 +61,9 @@ __all__ = ["BatchSampler", "StepRecord", "TrainConfig", "batch_indices", "fine_t
            "freeze_all", "task_loss"]
 
 
+MAX_SHARPNESS = 100.0   # h at the end of bit annealing: a_h in (0, 1) only where |a - 1/2| < 0.005
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of the fine-tune (see the module docstring for the phases)."""
@@ -78,6 +84,7 @@ class TrainConfig:
     weight_rounding: str = "nearest"     # nearest | learned (frozen phase)
     rounding_lr: float = 1e-2            # Adam, rounding logits V
     augment: str = "none"                # none | crop (random crops, float graph as teacher)
+    bit_anneal: float = 0.0              # fraction of the learning phase that sharpens bits
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
@@ -90,6 +97,16 @@ class TrainConfig:
         if self.weight_rounding == "nearest":
             return 0
         return int(round(0.8 * self.n_frozen()))
+
+    def sharpness(self, step: int) -> float:
+        """Interpolation sharpness ``h`` at a learning ``step``: 1, and over the last
+        ``m = round(bit_anneal * learn)`` learning steps ``MAX_SHARPNESS ** ((step - s0 + 1) / m)``
+        with ``s0 = learn - m`` (so ``h = MAX_SHARPNESS`` at the last learning step)."""
+        learn = self.learn_steps()
+        m = int(round(self.bit_anneal * learn))
+        if m == 0 or step < learn - m or step >= learn:
+            return 1.0
+        return float(MAX_SHARPNESS ** ((step - (learn - m) + 1) / m))
 
     def n_frozen(self) -> int:
         """Steps of the frozen-bit phase."""
@@ -235,6 +252,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                 raise
             if save is not None and save.due(run.step):
                 save_checkpoint(save, run.state())
+    for q in net.quantizers():
+        q.sharpness = 1.0
     if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
     net.finish_learned_rounding()
@@ -358,6 +377,9 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         progress = (step - learn) / max(cfg.steps - learn, 1)
         for group, base in zip(opt.param_groups, run.base_lrs, strict=True):
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.bit_anneal > 0 and not frozen:
+        for q in net.quantizers():
+            q.sharpness = cfg.sharpness(step)
     idx = next(run.batches)
     part = shard(idx, run.dist.rank, run.dist.world) if run.dist.active else idx
     x, labels = fetch(part)

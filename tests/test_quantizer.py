@@ -144,6 +144,38 @@ def test_levels_at_4_bits(signed: bool, narrow: bool, expected: tuple[float, flo
     assert (float(qmin), float(qmax)) == expected == qrange(4, signed, narrow)
 
 
+@pytest.mark.parametrize(("signed", "narrow"), KINDS.values(), ids=KINDS.keys())
+@pytest.mark.parametrize(("n", "h", "weight_hi"), [
+    (4.3, 1.0, 0.3), (4.3, 2.0, 0.1), (4.3, 4.0, 0.0), (4.6, 4.0, 0.9), (4.5, 100.0, 0.5),
+    (4.7, 100.0, 1.0)], ids=["h1", "h2", "h4-saturated-down", "h4", "h100-half", "h100-up"])
+def test_sharpness_moves_the_interpolation_weight_towards_the_rounding(
+        signed: bool, narrow: bool, n: float, h: float, weight_hi: float) -> None:
+    q = make_quantizer(signed, narrow, bits=n)
+    q.sharpness = h                           # a_h = clamp(h (a - 1/2) + 1/2, 0, 1)
+    x = sample()
+    alpha = alpha_of(q)
+    expected = (1 - weight_hi) * q_int(x.numpy(), alpha, 4, signed, narrow) + \
+        weight_hi * q_int(x.numpy(), alpha, 5, signed, narrow)
+    np.testing.assert_allclose(q(x).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "h", "slope"), [(4.3, 2.0, 2.0), (4.45, 8.0, 8.0),
+                                               (4.3, 4.0, 0.0), (4.8, 4.0, 0.0)],
+                         ids=["inside-h2", "inside-h8", "saturated-low", "saturated-high"])
+def test_sharpened_bitlength_gradient_is_h_times_the_grid_difference_inside(
+        n: float, h: float, slope: float) -> None:
+    q = make_quantizer(True, False, bits=n)
+    q.sharpness = h
+    x = sample()
+    g = torch.from_numpy(np.random.default_rng(1).normal(size=x.shape).astype(np.float32))
+    (g * q(x)).sum().backward()
+    alpha = alpha_of(q)
+    diff = q_int(x.numpy(), alpha, 5, True, False) - q_int(x.numpy(), alpha, 4, True, False)
+    expected = slope * float((g.numpy().astype(np.float64) * diff).sum())
+    assert q.bits.grad is not None
+    assert float(q.bits.grad[0]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 # --- gradients ------------------------------------------------------------------------------
 
 

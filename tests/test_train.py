@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from onnxbits.emit import emit
-from onnxbits.train import StepRecord, TrainConfig, batch_indices, fine_tune, task_loss
+from onnxbits.train import (MAX_SHARPNESS, StepRecord, TrainConfig, batch_indices, fine_tune,
+                            task_loss)
 from onnxbits.verify import verify
 from tests.builders import conv_relu_gemm
 from tests.conftest import Calibrated, calibrated_network
@@ -169,3 +170,22 @@ def test_learned_rounding_ends_on_the_grid_and_verifies() -> None:
             assert torch.equal(q(w), q(q(w)))                  # the weight is its own grid point
     emitted = emit(s.model, s.net, "exact-sim")
     assert verify(emitted, s.net, [s.x[:16]], "exact-sim").max_steps <= 1
+
+
+def test_bit_anneal_schedule_rises_geometrically_to_its_maximum_at_the_freeze() -> None:
+    cfg = TrainConfig(steps=20, frozen_steps=10, bit_anneal=0.4)     # learn 0-9, anneal 6-9
+    h = [cfg.sharpness(step) for step in range(20)]
+    assert h[:6] == [1.0] * 6 and h[10:] == [1.0] * 10
+    assert h[6:10] == pytest.approx([MAX_SHARPNESS ** (i / 4) for i in (1, 2, 3, 4)])
+    assert TrainConfig(steps=20, frozen_steps=10).sharpness(9) == 1.0
+
+
+def test_fine_tune_anneals_the_bits_and_resets_the_sharpness() -> None:
+    s = calibrated_network(conv_relu_gemm(classes=4))
+    cfg = TrainConfig(steps=8, frozen_steps=2, batch_size=16, lam=0.1, bit_anneal=0.5)
+    seen: list[float] = []
+    fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg,
+              on_step=lambda r: seen.append(s.net.quantizers()[0].sharpness))
+    assert seen[:3] == [1.0] * 3 and seen[5] == pytest.approx(MAX_SHARPNESS)
+    assert seen[3] == pytest.approx(MAX_SHARPNESS ** (1 / 3))
+    assert all(q.sharpness == 1.0 and q.frozen for q in s.net.quantizers())

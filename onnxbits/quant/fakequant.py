@@ -16,10 +16,15 @@ Gradients (straight-through estimator for the rounding; LSQ for the clip value):
     dQ/dalpha = sum_k w_k * (r_k - (x / step_k) * 1[x in range_k]) / qmax_k,  w_lo = 1 - a, w_hi = a
     dQ/da     = Q_int(x, lo + 1) - Q_int(x, lo)
 
-where ``r_k`` is the clamped integer. The forward pass computes both integer quantizations and
-their interpolation ``y_lo + a * (y_hi - y_lo)`` in one elementwise kernel; the backward pass
-recomputes them from the saved input and produces all three gradients in a second kernel (the
-per-group factors ``w_k / qmax_k`` are taken out of the sums). Only the input and a few per-group
+where ``r_k`` is the clamped integer. With a sharpness ``h >= 1`` (annealed by the fine-tune
+towards the integer bits the freeze will pick) the interpolation weight becomes
+``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)`` and ``dQ/dn = h 1[0 < a_h < 1] (Q_int(x, lo + 1) -
+Q_int(x, lo))``; ``h = 1`` is the plain interpolation, ``h -> inf`` rounds ``n`` half up.
+
+The forward pass computes both integer quantizations and their interpolation
+``y_lo + a * (y_hi - y_lo)`` in one elementwise kernel; the backward pass recomputes them from
+the saved input and produces all three gradients in a second kernel (the per-group factors
+``w_k / qmax_k`` are taken out of the sums). Only the input and a few per-group
 numbers are saved. Inputs in float16/bfloat16 (autocast) are quantized in float32 and the result
 is cast back to the input's dtype; the clip values and bitlengths stay float32.
 
@@ -232,23 +237,32 @@ class _LearnedQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, log_alpha: Tensor, bits: Tensor,  # type: ignore[override]
                 axis: int | None, min_bits: int, max_bits: int, signed: bool, narrow: bool,
-                clip: Clip) -> Tensor:
+                clip: Clip, sharpness: float = 1.0) -> Tensor:
         layout = _Layout.along(x, axis if max(log_alpha.numel(), bits.numel()) > 1 else None)
         dtype = _compute_dtype(x)
         n = bits.detach().clamp(min_bits, max_bits)
         lo = torch.clamp(torch.floor(n), min_bits, max(min_bits, max_bits - 1))
+        a = n - lo
+        ctx.slope = None
+        if sharpness != 1.0:
+            a = torch.clamp(sharpness * (a - 0.5) + 0.5, 0.0, 1.0)
+            ctx.slope = sharpness * ((a > 0) & (a < 1)).float()
         alpha = layout.column(log_alpha.detach().exp(), dtype)
         ctx.alpha, ctx.numel = alpha, (log_alpha.numel(), bits.numel())
         return _interp_forward(ctx, x, layout, alpha, layout.column(lo, dtype),
-                               layout.column(n - lo, dtype), signed, narrow, clip)
+                               layout.column(a, dtype), signed, narrow, clip)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         need_x, need_alpha, need_bits = ctx.needs_input_grad[:3]
         grad_x, grad_alpha, grad_a = _interp_backward(ctx, grad, need_x, need_bits)
+        grad_bits = None
+        if need_bits:
+            grad_bits = _sum_to(grad_a, ctx.numel[1])
+            if ctx.slope is not None:
+                grad_bits = grad_bits * ctx.slope
         return (grad_x, _sum_to(grad_alpha * ctx.alpha, ctx.numel[0]) if need_alpha else None,
-                _sum_to(grad_a, ctx.numel[1]) if need_bits else None, None, None, None, None, None,
-                None)
+                grad_bits, None, None, None, None, None, None, None)
 
 
 class _FrozenQuant(torch.autograd.Function):
@@ -293,7 +307,8 @@ def fixed_quant(x: Tensor, alpha: Tensor, bits: Tensor, signed: bool, narrow: bo
 
 
 def learned_quant(x: Tensor, log_alpha: Tensor, bits: Tensor, axis: int | None, min_bits: int,
-                  max_bits: int, signed: bool, narrow: bool, input_clamp: Clip = None) -> Tensor:
+                  max_bits: int, signed: bool, narrow: bool, input_clamp: Clip = None,
+                  sharpness: float = 1.0) -> Tensor:
     """``Q(x, n)`` of a :class:`~onnxbits.quant.quantizer.BitQuantizer` in one autograd node.
 
     ``alpha = exp(log_alpha)``, ``n = clamp(bits, min_bits, max_bits)`` (straight-through: the
@@ -303,10 +318,11 @@ def learned_quant(x: Tensor, log_alpha: Tensor, bits: Tensor, axis: int | None, 
     autograd nodes of the parametrisation. With ``input_clamp=(lo, hi)`` the quantizer absorbs the
     Relu (``(0, None)``) or Relu6 (``(0, 6)``) that produced ``x``: it computes
     ``Q(clamp(x, lo, hi))`` and its gradients exactly as the two ops in a row would, but the
-    clamped tensor is never stored, which halves the memory traffic of the pair.
+    clamped tensor is never stored, which halves the memory traffic of the pair. ``sharpness``
+    ``h`` replaces ``a`` by ``a_h`` as the module docstring states.
     """
     return _LearnedQuant.apply(x, log_alpha, bits, axis, min_bits, max_bits, signed, narrow,
-                               input_clamp)
+                               input_clamp, sharpness)
 
 
 def frozen_quant(x: Tensor, log_alpha: Tensor, bits: Tensor, axis: int | None, signed: bool,

@@ -40,7 +40,9 @@ class BitQuantizer(nn.Module):
     round-STE bitlength (:mod:`onnxbits.quant.ste`; an ablation, slower).
     ``drop = p > 0`` (QDrop, set by the fine-tune on activation quantizers) keeps each element's
     unquantized value with probability ``p``: ``forward(x) = where(u < p, x', Q(x', n))``, ``u``
-    uniform on ``[0, 1)`` per element, ``x'`` the (clamped) input.
+    uniform on ``[0, 1)`` per element, ``x'`` the (clamped) input. ``sharpness = h >= 1`` (set
+    by the fine-tune, ``--bit-anneal``) sharpens the interpolation weight towards the freeze
+    rule's rounding: ``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)`` (:mod:`onnxbits.quant.fakequant`).
     """
 
     def __init__(self, *, signed: bool, narrow: bool = False, num_channels: int = 1,
@@ -69,6 +71,7 @@ class BitQuantizer(nn.Module):
         self.exec_bits: int | None = None
         self.input_clamp = input_clamp
         self.drop = 0.0
+        self.sharpness = 1.0
 
     def extra_repr(self) -> str:
         bits = self.frozen_bits if self.frozen else self.bits.detach()
@@ -143,7 +146,7 @@ class BitQuantizer(nn.Module):
             return round_ste_quant(self.quantized_input(x), self.log_alpha,
                                    self.effective_bits(), axis, self.signed, self.narrow)
         return learned_quant(x, self.log_alpha, self.bits, axis, self.min_bits, self.max_bits,
-                             self.signed, self.narrow, self.input_clamp)
+                             self.signed, self.narrow, self.input_clamp, self.sharpness)
 
 
 def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:
