@@ -98,6 +98,8 @@ ABLATIONS: dict[str, dict] = {
     "labels only (ce)": {"loss": "ce"},
     "distillation only (kd)": {"loss": "kd"},
     "round-STE bitlength instead of interpolation": {"bit_rounding": "ste"},
+    "bit annealing (interpolation sharpened over the last 30% of the learning phase)":
+        {"bit_anneal": 0.3},
     "no frozen-bit fine-tune": {"frozen_steps": 0},
     "50% frozen-bit fine-tune": {"frozen_steps": "half"},
     "first and last layer kept at 8 bits": {"pin_ends": True},

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from onnxbits.cost import bit_cost
 from onnxbits.insert import QuantizedNetwork, layer_bits
-from onnxbits.quant.quantizer import BitQuantizer
+from onnxbits.quant.quantizer import BitQuantizer, sharpened_bits
 
 
 @dataclass
@@ -90,7 +90,9 @@ class ShiftedCost:
     """The cost after shifting the learnable bitlengths of ``shifted`` by candidate amounts,
     ``c(s) = cost(clamp(n - s, min_bits, max_bits))``, for a whole batch of ``s`` at once (one
     pass over a ``(m, N)`` matrix of the N shifted bitlengths instead of m passes over the
-    network); the other quantizers keep their :meth:`BitQuantizer.effective_bits`."""
+    network); the other quantizers keep their :meth:`BitQuantizer.effective_bits`. While the
+    interpolation is sharpened (bit annealing) the cost is that of the sharpened bitlengths
+    (:func:`onnxbits.quant.quantizer.sharpened_bits`), the bits the network computes with."""
 
     def __init__(self, net: QuantizedNetwork, objective: str,
                  shifted: list[BitQuantizer]) -> None:
@@ -107,6 +109,9 @@ class ShiftedCost:
             torch.tensor([float(q.min_bits) for q in shifted], device=device), sizes)
         self.high = torch.repeat_interleave(
             torch.tensor([float(q.max_bits) for q in shifted], device=device), sizes)
+        self.sharpness = torch.repeat_interleave(
+            torch.tensor([q.sharpness if q.rounding == "interp" else 1.0 for q in shifted],
+                         device=device), sizes)
 
     def bits(self, s: Tensor) -> Tensor:
         """``clamp(n - s, min, max)`` for each shift: shape ``(len(s), N)``."""
@@ -115,6 +120,9 @@ class ShiftedCost:
     def __call__(self, s: Tensor) -> Tensor:
         """The cost at each shift in ``s`` (1-d): shape ``(len(s),)``."""
         bits = self.bits(s)
+        if bool((self.sharpness != 1).any()):
+            bits = sharpened_bits(bits, self.low, torch.maximum(self.high, self.low + 1),
+                                  self.sharpness)
         means = torch.zeros(len(s), len(self.count), dtype=bits.dtype, device=bits.device)
         means = means.index_add_(1, self.group, bits) / self.count
 

@@ -51,6 +51,20 @@ def test_shift_lands_on_the_budget_and_keeps_the_differences(objective: str) -> 
                                   atol=1e-6)
 
 
+@pytest.mark.parametrize("sharpness", [4.0, 100.0])
+def test_shift_puts_the_sharpened_bits_on_the_budget_while_annealing(sharpness: float) -> None:
+    net, _, _ = _net()
+    _spread(net)
+    for q in net.quantizers():
+        q.sharpness = sharpness
+    shift_onto_budget(net, "bits", 4.3)
+    sharpened = _cost(net, "bits")         # layer_bits counts the sharpened bitlengths
+    for q in net.quantizers():
+        q.sharpness = 1.0
+    assert sharpened <= 4.3 + 1e-6 and sharpened == pytest.approx(4.3, abs=0.1)
+    assert _cost(net, "bits") != pytest.approx(sharpened, abs=1e-4)   # not the fractional one
+
+
 def test_shift_stops_at_the_bit_range_when_the_budget_is_out_of_reach() -> None:
     net, _, _ = _net()
     _spread(net)

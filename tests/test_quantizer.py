@@ -176,6 +176,17 @@ def test_sharpened_bitlength_gradient_is_h_times_the_grid_difference_inside(
     assert float(q.bits.grad[0]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def test_effective_bits_while_sharpened_are_the_bits_the_forward_uses() -> None:
+    q = make_quantizer(True, False, bits=4.3)
+    q.sharpness = 2.0                        # a_h = 2 (0.3 - 0.5) + 0.5 = 0.1
+    bits = q.effective_bits()
+    assert float(bits.detach()) == pytest.approx(4.1)
+    bits.sum().backward()
+    assert q.bits.grad is not None and float(q.bits.grad[0]) == pytest.approx(2.0)
+    q.freeze()
+    assert float(q.effective_bits()) == 4.0
+
+
 # --- gradients ------------------------------------------------------------------------------
 
 

@@ -24,6 +24,20 @@ def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
     return torch.clamp(torch.floor(bits + 0.5), min_bits, max_bits)
 
 
+def sharpened_bits(n: Tensor, min_bits: Tensor | float, max_bits: Tensor | float,
+                   sharpness: Tensor | float) -> Tensor:
+    """The bitlength a sharpened interpolation uses: ``lo + a_h`` with ``lo = clamp(floor(n),
+    min_bits, max_bits - 1)``, ``a = n - lo`` and ``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)``
+    (``n`` already clamped to ``[min_bits, max_bits]``; gradient ``h`` where ``0 < a_h < 1``).
+
+    >>> sharpened_bits(torch.tensor([4.25, 4.5, 4.5625, 4.625, 8.0]), 2, 8, 4.0).tolist()
+    [4.0, 4.5, 4.75, 5.0, 8.0]
+    """
+    lo = torch.minimum(torch.maximum(torch.floor(n.detach()), torch.as_tensor(min_bits)),
+                       torch.as_tensor(max_bits) - 1).to(n.dtype)
+    return lo + torch.clamp(sharpness * (n - lo - 0.5) + 0.5, 0.0, 1.0)
+
+
 class BitQuantizer(nn.Module):
     """Fake-quantizer with a learnable clip value ``alpha`` and a learnable fractional bitlength.
 
@@ -93,10 +107,15 @@ class BitQuantizer(nn.Module):
         return self.log_alpha.exp()
 
     def effective_bits(self) -> Tensor:
-        """Per-group bitlength: the fractional ``n`` (clamped) or the frozen integer."""
+        """Per-group bitlength: the fractional ``n`` (clamped, straight-through), sharpened by
+        :func:`sharpened_bits` while ``sharpness != 1``, or the frozen integer."""
         if self.frozen:
             return self.frozen_bits
-        return self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
+        n = self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
+        if self.sharpness == 1.0 or self.rounding != "interp":
+            return n
+        return sharpened_bits(n, self.min_bits, max(self.min_bits, self.max_bits - 1) + 1,
+                              self.sharpness)
 
     @torch.no_grad()
     def init_alpha(self, alpha: Tensor) -> None:
