@@ -34,6 +34,11 @@ class Crops:
     cy: Tensor
     flip: Tensor     # -1.0 (mirrored) or 1.0
 
+    def rows(self, index: Tensor | slice) -> Crops:
+        """The crops of the images ``index`` selects (a process's share of a global batch)."""
+        return Crops(self.width[index], self.height[index], self.cx[index], self.cy[index],
+                     self.flip[index])
+
     def theta(self) -> Tensor:
         """The ``(N, 2, 3)`` affine matrices for :func:`torch.nn.functional.affine_grid`."""
         theta = torch.zeros(len(self.width), 2, 3)
@@ -76,6 +81,7 @@ def random_crops(x: Tensor, generator: torch.Generator) -> Tensor:
     return apply_crops(x, sample_crops(x.shape[0], generator))
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, rank): resumed runs draw the same crops."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 257 + rank)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step): a resumed run draws the same crops, and
+    processes sharing a global batch draw the whole batch's crops and take their rows."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -20,7 +20,7 @@ The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || sof
 ``(N, C)``. With ``feature_kd = w > 0`` and the float graph, the task loss adds ``w * L_feat``
 (every site's output against the float model's, :mod:`onnxbits.features`). With
 ``augment = "crop"`` every batch is replaced by random resized crops (:mod:`onnxbits.augment`,
-drawn from (seed, step, rank) alone) and the teacher logits are the float graph's on those crops.
+drawn from (seed, step) alone for the global batch) and the teacher logits are the float graph's on those crops.
 
 The network may sit on any device: batches and teacher logits go to the device of its parameters,
 and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onnxbits.augment import random_crops, step_generator
+from onnxbits.augment import apply_crops, sample_crops, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
 from onnxbits.device import autocast
@@ -386,8 +386,11 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     x = x.to(run.device, non_blocking=True)
     labels = labels.to(run.device) if labels is not None else None
     teacher = None
-    if run.teacher_graph is not None:
-        x = random_crops(x, step_generator(cfg.seed, step, run.dist.rank))
+    if run.teacher_graph is not None:     # the global batch's crops, this process's rows
+        crops = sample_crops(len(idx), step_generator(cfg.seed, step))
+        rows = np.arange(len(idx))
+        x = apply_crops(x, crops.rows(torch.from_numpy(
+            shard(rows, run.dist.rank, run.dist.world) if run.dist.active else rows)))
     elif teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     with autocast(run.device, cfg.amp):

@@ -46,12 +46,15 @@ def test_sampled_crops_stay_inside_the_image_within_the_area_range() -> None:
     assert float(area.mean()) == pytest.approx(0.625, abs=0.03)   # E[s] of U(0.25, 1), few clips
 
 
-def test_crops_depend_only_on_seed_step_and_rank() -> None:
-    x = torch.randn(4, 3, 8, 8)
-    same = [random_crops(x, step_generator(1, 5, 0)) for _ in range(2)]
+def test_crops_depend_only_on_seed_and_step_and_shards_take_their_rows() -> None:
+    x = torch.randn(5, 3, 8, 8)
+    same = [random_crops(x, step_generator(1, 5)) for _ in range(2)]
     assert torch.equal(same[0], same[1])
-    assert not torch.equal(same[0], random_crops(x, step_generator(1, 6, 0)))
-    assert not torch.equal(same[0], random_crops(x, step_generator(1, 5, 1)))
+    assert not torch.equal(same[0], random_crops(x, step_generator(1, 6)))
+    assert not torch.equal(same[0], random_crops(x, step_generator(2, 5)))
+    crops = sample_crops(5, step_generator(1, 5))
+    parts = [apply_crops(x[rows], crops.rows(rows)) for rows in (slice(0, 3), slice(3, 5))]
+    torch.testing.assert_close(torch.cat(parts), same[0], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         random_crops(torch.randn(4, 3), step_generator(0, 0))
 

@@ -30,8 +30,9 @@ from tests.test_cli_shrink import image_folder
 from tests.test_train import setup
 
 WORLD = 2
-# (global batch, steps): 16 splits 8 + 8; 15 splits 8 + 7 (the shards are weighted 8/15, 7/15)
-RUNS = ((16, 16), (15, 12))
+# (global batch, steps, augment): 16 splits 8 + 8; 15 splits 8 + 7 (the shards are weighted
+# 8/15, 7/15); with random crops each process crops its rows of the global batch
+RUNS = ((16, 16, "none"), (15, 12, "none"), (15, 8, "crop"))
 TARGET_BITS = 5.0
 
 
@@ -60,15 +61,18 @@ def join_group(rank: int, world: int, port: int) -> DistContext:
     return init_from_env("cpu")
 
 
-def budget_fine_tune(batch: int, steps: int, dist: DistContext | None) -> dict[str, Any]:
+def budget_fine_tune(batch: int, steps: int, augment: str,
+                     dist: DistContext | None) -> dict[str, Any]:
     """Budget-mode fine-tune of the tiny Conv-Relu-Gemm model; the learned and frozen bits."""
     s = setup(min_bits=2, max_bits=8)
-    cfg = TrainConfig(steps=steps, frozen_steps=steps // 4, batch_size=batch, lam=0.5)
+    cfg = TrainConfig(steps=steps, frozen_steps=steps // 4, batch_size=batch, lam=0.5,
+                      augment=augment)
     start = float(bit_cost("bits", layer_bits(s.net)).detach())
     controller = LambdaController(TARGET_BITS, start, cfg.learn_steps())
     history = fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg,
                         lam_schedule=controller,
-                        freeze=lambda net: freeze_to_budget(net, "bits", TARGET_BITS), dist=dist)
+                        freeze=lambda net: freeze_to_budget(net, "bits", TARGET_BITS), dist=dist,
+                        float_graph=s.graph)
     return {"bits": [q.bits.detach().clone() for q in s.net.quantizers()],
             "frozen": [q.frozen_bits.clone() for q in s.net.quantizers()],
             "weights": [p.detach().clone() for p in s.net.weight_parameters()],
@@ -78,7 +82,7 @@ def budget_fine_tune(batch: int, steps: int, dist: DistContext | None) -> dict[s
 def _fine_tune_worker(rank: int, world: int, port: int, folder: str) -> None:
     ctx = join_group(rank, world, port)
     try:
-        results = [budget_fine_tune(batch, steps, ctx) for batch, steps in RUNS]
+        results = [budget_fine_tune(*run, ctx) for run in RUNS]
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
         close(ctx)
@@ -87,8 +91,8 @@ def _fine_tune_worker(rank: int, world: int, port: int, folder: str) -> None:
 def test_two_processes_learn_the_bits_of_one_process(tmp_path: Path) -> None:
     mp.spawn(_fine_tune_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    for (batch, steps), two, other in zip(RUNS, ranks[0], ranks[1], strict=True):
-        one = budget_fine_tune(batch, steps, None)
+    for run, two, other in zip(RUNS, ranks[0], ranks[1], strict=True):
+        one = budget_fine_tune(*run, None)
         # every process ends with the same network, bit for bit
         for key in ("bits", "frozen", "weights"):
             assert all(torch.equal(a, b) for a, b in zip(two[key], other[key], strict=True)), key
