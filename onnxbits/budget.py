@@ -92,7 +92,7 @@ class ShiftedCost:
     pass over a ``(m, N)`` matrix of the N shifted bitlengths instead of m passes over the
     network); the other quantizers keep their :meth:`BitQuantizer.effective_bits`. While the
     interpolation is sharpened (bit annealing) the cost is that of the sharpened bitlengths
-    (:func:`onnxbits.quant.quantizer.sharpened_bits`), the bits the network computes with."""
+    (:func:`onnxbits.quant.fakequant.sharpened_bits`), the bits the network computes with."""
 
     def __init__(self, net: QuantizedNetwork, objective: str,
                  shifted: list[BitQuantizer]) -> None:

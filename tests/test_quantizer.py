@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import onnxbits.qparams as qparams_module
+import onnxbits.quant.fakequant as fakequant_module
 import onnxbits.quant.quantizer as quantizer_module
 import onnxbits.quant.ranges as ranges_module
 from onnxbits.quant.fakequant import fixed_quant, interpolated_quant, levels
@@ -488,7 +489,8 @@ def test_clamp_bits_after_a_large_optimizer_step() -> None:
 # --- doctests ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [ranges_module, quantizer_module, qparams_module],
+@pytest.mark.parametrize("module", [ranges_module, quantizer_module, qparams_module,
+                                    fakequant_module],
                          ids=lambda m: m.__name__)
 def test_doctests_pass(module: object) -> None:
     result = doctest.testmod(module, verbose=False)  # type: ignore[arg-type]

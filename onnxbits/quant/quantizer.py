@@ -7,11 +7,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from onnxbits.quant.fakequant import frozen_quant, learned_quant
+from onnxbits.quant.fakequant import frozen_quant, learned_quant, sharpened_bits
 from onnxbits.quant.kernels import levels
 from onnxbits.quant.ste import round_ste_quant
 
 ROUNDINGS = ("interp", "ste")
+
+__all__ = ["ROUNDINGS", "BitQuantizer", "freeze_rule", "lsq_init_alpha", "sharpened_bits"]
 
 
 def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
@@ -22,20 +24,6 @@ def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
     [2.0, 3.0, 8.0, 8.0]
     """
     return torch.clamp(torch.floor(bits + 0.5), min_bits, max_bits)
-
-
-def sharpened_bits(n: Tensor, min_bits: Tensor | float, max_bits: Tensor | float,
-                   sharpness: Tensor | float) -> Tensor:
-    """The bitlength a sharpened interpolation uses: ``lo + a_h`` with ``lo = clamp(floor(n),
-    min_bits, max_bits - 1)``, ``a = n - lo`` and ``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)``
-    (``n`` already clamped to ``[min_bits, max_bits]``; gradient ``h`` where ``0 < a_h < 1``).
-
-    >>> sharpened_bits(torch.tensor([4.25, 4.5, 4.5625, 4.625, 8.0]), 2, 8, 4.0).tolist()
-    [4.0, 4.5, 4.75, 5.0, 8.0]
-    """
-    lo = torch.minimum(torch.maximum(torch.floor(n.detach()), torch.as_tensor(min_bits)),
-                       torch.as_tensor(max_bits) - 1).to(n.dtype)
-    return lo + torch.clamp(sharpness * (n - lo - 0.5) + 0.5, 0.0, 1.0)
 
 
 class BitQuantizer(nn.Module):
