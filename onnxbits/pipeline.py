@@ -49,6 +49,7 @@ from onnxbits.run_inputs import (
     check_batch_size,
     check_labels,
     check_output_path,
+    StageClock,
     emit_event,
     load_splits,
 )
@@ -100,6 +101,7 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = N
 def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
             ctx: DistContext) -> ShrinkResult:
     started = time.perf_counter()
+    stages = StageClock(on_event)
     output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
     report_path = output.with_suffix(".json")
     original = load_model(model_path)
@@ -111,7 +113,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
             "pass the float model")
     cpu = configure_cpu(cfg.threads, keep_memory=ctx.device.type == "cpu")
     torch.manual_seed(cfg.seed)
-    emit_event(on_event, "stage", name="import")
+    stages.start("import")
     model = normalize(original, str(model_path))
     float_graph = convert(model, str(model_path))
     sites = find_sites(model, float_graph)
@@ -134,7 +136,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     if min(cfg.batch_size, len(train)) < ctx.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (with {len(train)} fine-tune images) is "
                           f"smaller than the {ctx.world} torchrun processes; raise --batch-size")
-    emit_event(on_event, "stage", name="teacher")
+    stages.start("teacher")
     session = make_session(original, threads=cfg.threads)
     teacher_train = predict_logits(session, train, batch_size=cfg.batch_size)
     float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
@@ -178,7 +180,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         steps_run.append(record)
         emit_event(on_event, "step", record=record)
 
-    emit_event(on_event, "stage", name="fine-tune", total=cfg.steps)
+    stages.start("fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
     online = cfg.feature_kd > 0 or cfg.augment == "crop"
     online_graph = float_graph.to(ctx.device) if online else None
@@ -196,11 +198,11 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     net.graph.cpu()
     corrected = []
     if cfg.bias_correction:
-        emit_event(on_event, "stage", name="bias correction")
+        stages.start("bias correction")
         corrected = [shift.to_dict() for shift in correct_biases(float_graph, net, calib)]
     guard: dict[str, Any] = {}
     if cfg.max_drop is not None:
-        emit_event(on_event, "stage", name="accuracy guard")
+        stages.start("accuracy guard")
         retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
                                  batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
                                  alpha_lr=cfg.alpha_lr, loss=loss,
@@ -217,14 +219,14 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         guard = apply_guard(cfg, model, net, evaluation, float_eval, calib, teacher_train, retune)
     if cfg.target in ("ort", "pack"):
         limit_clip_alphas(model, net)
-    emit_event(on_event, "stage", name="emit")
+    stages.start("emit")
     source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
               "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
               "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
               "max_bits": cfg.max_bits, "granularity": cfg.granularity}
     emitted = emit(model, net, cfg.target, source=source)
     verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
-    emit_event(on_event, "stage", name="evaluate")
+    stages.start("evaluate")
     report = build_report(cfg, emitted, net, evaluation, float_eval, ctx.device)
     report["config"]["task_loss"] = loss
     report.update(
@@ -233,7 +235,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        bias_correction=corrected, runtime=runtime,
+        bias_correction=corrected, runtime={**runtime, "stages": stages.seconds()},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)

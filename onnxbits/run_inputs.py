@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,34 @@ def check_batch_size(model: onnx.ModelProto, batch_size: int) -> None:
 def emit_event(on_event: Event | None, kind: str, **info: Any) -> None:
     if on_event is not None:
         on_event(kind, info)
+
+
+class StageClock:
+    """Announces the stages of a run (``stage`` events) and times them: a stage lasts from its
+    :meth:`start` to the next stage's start or to :meth:`seconds`."""
+
+    def __init__(self, on_event: Event | None) -> None:
+        self.on_event = on_event
+        self.times: dict[str, float] = {}
+        self._current: str | None = None
+        self._since = 0.0
+
+    def start(self, name: str, **info: Any) -> None:
+        """End the current stage, start ``name`` and emit its ``stage`` event."""
+        self._close()
+        self._current, self._since = name, time.perf_counter()
+        emit_event(self.on_event, "stage", name=name, **info)
+
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds per stage so far (the current stage ends here)."""
+        self._close()
+        return dict(self.times)
+
+    def _close(self) -> None:
+        if self._current is not None:
+            elapsed = time.perf_counter() - self._since
+            self.times[self._current] = round(self.times.get(self._current, 0.0) + elapsed, 3)
+            self._current = None
 
 
 def load_splits(cfg: ShrinkConfig, on_event: Event | None = None

@@ -87,6 +87,11 @@ def test_report_has_the_runtime(workspace: Path) -> None:
     assert 0 < tune["seconds"] < report["seconds"] + 0.1
     assert tune["images_per_second"] == pytest.approx(steps * batch / tune["seconds"], rel=1e-2)
     assert report["config"]["device"] == "cpu" and report["config"]["amp"] == "off"
+    stages = runtime["stages"]
+    assert list(stages) == ["import", "teacher", "fine-tune", "emit", "evaluate"]
+    assert all(t >= 0 for t in stages.values())
+    assert tune["seconds"] <= stages["fine-tune"] + 1e-3
+    assert sum(stages.values()) <= report["seconds"] + 0.1
 
 
 def test_bf16_autocast_on_cpu_runs_and_verifies(workspace: Path) -> None:
