@@ -67,18 +67,13 @@ def sample_crops(n: int, generator: torch.Generator,
 
 def apply_crops(x: Tensor, crops: Crops) -> Tensor:
     """Resample each image of ``x`` (N, C, H, W) to its crop at the same size."""
+    if x.dim() != 4:
+        raise ValueError(f"random crops need (N, C, H, W) images, got shape {tuple(x.shape)}")
     theta = crops.theta().to(device=x.device, dtype=torch.float32)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
                         align_corners=False)
     return out.to(x.dtype)
-
-
-def random_crops(x: Tensor, generator: torch.Generator) -> Tensor:
-    """:func:`apply_crops` with crops from :func:`sample_crops` (default scale and ratio)."""
-    if x.dim() != 4:
-        raise ValueError(f"random crops need (N, C, H, W) images, got shape {tuple(x.shape)}")
-    return apply_crops(x, sample_crops(x.shape[0], generator))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

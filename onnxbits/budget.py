@@ -110,8 +110,7 @@ class ShiftedCost:
         self.high = torch.repeat_interleave(
             torch.tensor([float(q.max_bits) for q in shifted], device=device), sizes)
         self.sharpness = torch.repeat_interleave(
-            torch.tensor([q.sharpness if q.rounding == "interp" else 1.0 for q in shifted],
-                         device=device), sizes)
+            torch.tensor([q.interp_sharpness() for q in shifted], device=device), sizes)
 
     def bits(self, s: Tensor) -> Tensor:
         """``clamp(n - s, min, max)`` for each shift: shape ``(len(s), N)``."""
@@ -121,8 +120,7 @@ class ShiftedCost:
         """The cost at each shift in ``s`` (1-d): shape ``(len(s),)``."""
         bits = self.bits(s)
         if bool((self.sharpness != 1).any()):
-            bits = sharpened_bits(bits, self.low, torch.maximum(self.high, self.low + 1),
-                                  self.sharpness)
+            bits = sharpened_bits(bits, self.low, self.high, self.sharpness)
         means = torch.zeros(len(s), len(self.count), dtype=bits.dtype, device=bits.device)
         means = means.index_add_(1, self.group, bits) / self.count
 

@@ -45,11 +45,11 @@ from onnxbits.io import load_model, quantized_nodes, save_model_atomic, write_by
 from onnxbits.normalize import normalize
 from onnxbits.run_inputs import (
     Event,
+    StageClock,
     batch_fetcher,
     check_batch_size,
     check_labels,
     check_output_path,
-    StageClock,
     emit_event,
     load_splits,
 )
@@ -182,8 +182,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
 
     stages.start("fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
-    online = cfg.feature_kd > 0 or cfg.augment == "crop"
-    online_graph = float_graph.to(ctx.device) if online else None
+    online_graph = float_graph.to(ctx.device) if tcfg.needs_float_graph() else None
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,

@@ -20,7 +20,8 @@ The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || sof
 ``(N, C)``. With ``feature_kd = w > 0`` and the float graph, the task loss adds ``w * L_feat``
 (every site's output against the float model's, :mod:`onnxbits.features`). With
 ``augment = "crop"`` every batch is replaced by random resized crops (:mod:`onnxbits.augment`,
-drawn from (seed, step) alone for the global batch) and the teacher logits are the float graph's on those crops.
+drawn from (seed, step) alone for the global batch) and the teacher logits are the float
+graph's on those crops.
 
 The network may sit on any device: batches and teacher logits go to the device of its parameters,
 and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
@@ -97,6 +98,10 @@ class TrainConfig:
         if self.weight_rounding == "nearest":
             return 0
         return int(round(0.8 * self.n_frozen()))
+
+    def needs_float_graph(self) -> bool:
+        """Feature distillation and random crops run the float graph at every step."""
+        return self.feature_kd > 0 or self.augment == "crop"
 
     def sharpness(self, step: int) -> float:
         """Interpolation sharpness ``h`` at a learning ``step``: 1, and over the last
@@ -204,7 +209,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     ``fetch`` receives the process's shard of each global batch. ``float_graph`` (on the
     network's device) is needed when ``cfg.feature_kd > 0`` or ``cfg.augment == "crop"``.
     """
-    if (cfg.feature_kd > 0 or cfg.augment == "crop") and float_graph is None:
+    if cfg.needs_float_graph() and float_graph is None:
         raise ValueError("feature_kd > 0 and augment='crop' need the float graph")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
@@ -388,9 +393,10 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     teacher = None
     if run.teacher_graph is not None:     # the global batch's crops, this process's rows
         crops = sample_crops(len(idx), step_generator(cfg.seed, step))
-        rows = np.arange(len(idx))
-        x = apply_crops(x, crops.rows(torch.from_numpy(
-            shard(rows, run.dist.rank, run.dist.world) if run.dist.active else rows)))
+        if run.dist.active:
+            crops = crops.rows(torch.from_numpy(shard(np.arange(len(idx)), run.dist.rank,
+                                                      run.dist.world)))
+        x = apply_crops(x, crops)
     elif teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     with autocast(run.device, cfg.amp):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onnxbits.augment import Crops, apply_crops, random_crops, sample_crops, step_generator
+from onnxbits.augment import Crops, apply_crops, sample_crops, step_generator
 from onnxbits.train import TrainConfig, fine_tune
 from tests.builders import conv_relu_gemm
 from tests.conftest import calibrated_network
@@ -16,6 +16,10 @@ def crops(width: float, height: float, cx: float, cy: float, flip: float, n: int
     def column(v: float) -> torch.Tensor:
         return torch.full((n,), v)
     return Crops(column(width), column(height), column(cx), column(cy), column(flip))
+
+
+def random_crops(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return apply_crops(x, sample_crops(x.shape[0], generator))
 
 
 def test_whole_image_crop_is_the_identity_and_its_mirror_flips() -> None:

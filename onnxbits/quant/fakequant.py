@@ -234,14 +234,16 @@ class _FixedQuant(torch.autograd.Function):
 def sharpened_bits(n: Tensor, min_bits: Tensor | float, max_bits: Tensor | float,
                    sharpness: Tensor | float) -> Tensor:
     """The bitlength a sharpened interpolation uses: ``lo + a_h`` with ``lo = clamp(floor(n),
-    min_bits, max_bits - 1)``, ``a = n - lo`` and ``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)``
-    (``n`` already clamped to ``[min_bits, max_bits]``; gradient ``h`` where ``0 < a_h < 1``).
+    min_bits, max(min_bits, max_bits - 1))`` (as :func:`learned_quant`), ``a = n - lo`` and
+    ``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)`` (``n`` already clamped to ``[min_bits, max_bits]``;
+    gradient ``h`` where ``0 < a_h < 1``).
 
     >>> sharpened_bits(torch.tensor([4.25, 4.5, 4.5625, 4.625, 8.0]), 2, 8, 4.0).tolist()
     [4.0, 4.5, 4.75, 5.0, 8.0]
     """
-    lo = torch.minimum(torch.maximum(torch.floor(n.detach()), torch.as_tensor(min_bits)),
-                       torch.as_tensor(max_bits) - 1).to(n.dtype)
+    low = torch.as_tensor(min_bits)
+    top = torch.maximum(torch.as_tensor(max_bits) - 1, low)
+    lo = torch.minimum(torch.maximum(torch.floor(n.detach()), low), top).to(n.dtype)
     return lo + torch.clamp(sharpness * (n - lo - 0.5) + 0.5, 0.0, 1.0)
 
 
@@ -255,12 +257,11 @@ class _LearnedQuant(torch.autograd.Function):
         layout = _Layout.along(x, axis if max(log_alpha.numel(), bits.numel()) > 1 else None)
         dtype = _compute_dtype(x)
         n = bits.detach().clamp(min_bits, max_bits)
-        top = max(min_bits, max_bits - 1)
-        lo = torch.clamp(torch.floor(n), min_bits, top)
+        lo = torch.clamp(torch.floor(n), min_bits, max(min_bits, max_bits - 1))
         a = n - lo
         ctx.slope = None
         if sharpness != 1.0:
-            a = sharpened_bits(n, min_bits, top + 1, sharpness) - lo
+            a = sharpened_bits(n, min_bits, max_bits, sharpness) - lo
             ctx.slope = sharpness * ((a > 0) & (a < 1)).float()
         alpha = layout.column(log_alpha.detach().exp(), dtype)
         ctx.alpha, ctx.numel = alpha, (log_alpha.numel(), bits.numel())

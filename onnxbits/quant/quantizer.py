@@ -100,10 +100,13 @@ class BitQuantizer(nn.Module):
         if self.frozen:
             return self.frozen_bits
         n = self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
-        if self.sharpness == 1.0 or self.rounding != "interp":
-            return n
-        return sharpened_bits(n, self.min_bits, max(self.min_bits, self.max_bits - 1) + 1,
-                              self.sharpness)
+        h = self.interp_sharpness()
+        return n if h == 1.0 else sharpened_bits(n, self.min_bits, self.max_bits, h)
+
+    def interp_sharpness(self) -> float:
+        """The sharpness the learned bits follow: ``sharpness`` with the floor/ceil interpolation,
+        1 with round-STE (which annealing leaves alone)."""
+        return self.sharpness if self.rounding == "interp" else 1.0
 
     @torch.no_grad()
     def init_alpha(self, alpha: Tensor) -> None:
