@@ -50,6 +50,11 @@ class _ProgressView:
             r = info["record"]
             self.progress.update(self.task, advance=1, info=(
                 f"{r.phase} loss {r.task:.4f} bits {r.avg_bits:.2f}"))
+        elif kind == "block":
+            r = info["result"]
+            self.progress.update(self.task, info=(
+                f"reconstructed block {r.block} ({len(r.layers)} layers): "
+                f"mse {r.loss_before:.4g} -> {r.loss_after:.4g}"))
 
     def _finish(self) -> None:
         if self.task is not None:
@@ -141,6 +146,12 @@ class _ProgressView:
                    "straight-through gradient) instead of fine-tuning the weights there.")
 @click.option("--rounding-lr", type=float, default=1e-2, show_default=True,
               help="Learning rate of the rounding logits (--weight-rounding learned).")
+@click.option("--reconstruct", type=int, default=0, show_default=True, metavar="K",
+              help="At the start of the frozen-bit phase, train each block of the network "
+                   "(residual blocks whole, at least 3 layers) for K steps to reproduce the "
+                   "float model's block output on all fine-tune images (BRECQ-style; 0: off).")
+@click.option("--reconstruct-lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate of weights and biases during --reconstruct.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
@@ -193,6 +204,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
             "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
             "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
+            "reconstruct", "reconstruct_lr",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

@@ -53,6 +53,8 @@ class ShrinkConfig:
     feature_kd: float = 0.0
     weight_rounding: str = "nearest"
     rounding_lr: float = 1e-2
+    reconstruct: int = 0
+    reconstruct_lr: float = 1e-4
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -112,6 +114,9 @@ class ShrinkConfig:
              f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
              f"got {self.weight_rounding!r}"),
             (self.rounding_lr >= 0, f"--rounding-lr must be >= 0, got {self.rounding_lr}"),
+            (self.reconstruct >= 0, f"--reconstruct must be >= 0, got {self.reconstruct}"),
+            (self.reconstruct_lr >= 0,
+             f"--reconstruct-lr must be >= 0, got {self.reconstruct_lr}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

@@ -43,6 +43,7 @@ from onnxbits.insert import (
 )
 from onnxbits.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
 from onnxbits.normalize import normalize
+from onnxbits.reconstruct import BlockResult
 from onnxbits.run_inputs import (
     Event,
     StageClock,
@@ -160,6 +161,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        bit_anneal=cfg.bit_anneal,
                        weight_rounding=cfg.weight_rounding,
                        rounding_lr=cfg.rounding_lr,
+                       reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
                        augment="crop" if cfg.augment == "crop" else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
@@ -175,10 +177,15 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     fetch, resident = batch_fetcher(train, ctx.device)
     teacher = torch.from_numpy(teacher_train)
     steps_run: list[StepRecord] = []
+    blocks: list[dict[str, Any]] = []
 
     def on_step(record: StepRecord) -> None:
         steps_run.append(record)
         emit_event(on_event, "step", record=record)
+
+    def on_block(result: BlockResult) -> None:
+        blocks.append(result.to_dict())
+        emit_event(on_event, "block", result=result)
 
     stages.start("fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
@@ -186,7 +193,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
-                        float_graph=online_graph)
+                        float_graph=online_graph,
+                        on_block=on_block)
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     close(ctx)
@@ -234,7 +242,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        bias_correction=corrected, runtime={**runtime, "stages": stages.seconds()},
+        bias_correction=corrected, reconstruction=blocks, runtime={**runtime, "stages": stages.seconds()},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)

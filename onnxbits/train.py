@@ -11,7 +11,9 @@ alone at the integer bits, with a cosine-decaying learning rate. With ``weight_r
 the first 80 % of phase 2 learn whether each weight rounds down or up
 (:mod:`onnxbits.quant.rounding`) instead of fine-tuning the weights, with the weights' clip
 values fixed; the weights then become those roundings and the last 20 % fine-tune as without
-it (the weights' clip values still fixed). With ``act_drop = p > 0`` (QDrop)
+it (the weights' clip values still fixed). With ``reconstruct_steps = K > 0`` phase 2 starts
+with block-wise reconstruction on all fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
+per block, after the learned rounding has started if it is on). With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from onnxbits.augment import apply_crops, sample_crops, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
@@ -56,6 +58,7 @@ from onnxbits.distributed import DistContext, any_rank, average_gradients, broad
 from onnxbits.errors import ConfigError
 from onnxbits.features import FeatureTaps
 from onnxbits.insert import QuantizedNetwork, layer_bits
+from onnxbits.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 from onnxbits.sampler import BatchSampler, batch_indices
 
 __all__ = ["BatchSampler", "StepRecord", "TrainConfig", "batch_indices", "fine_tune",
@@ -86,6 +89,8 @@ class TrainConfig:
     rounding_lr: float = 1e-2            # Adam, rounding logits V
     augment: str = "none"                # none | crop (random crops, float graph as teacher)
     bit_anneal: float = 0.0              # fraction of the learning phase that sharpens bits
+    reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
+    reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 
@@ -100,8 +105,9 @@ class TrainConfig:
         return int(round(0.8 * self.n_frozen()))
 
     def needs_float_graph(self) -> bool:
-        """Feature distillation and random crops run the float graph at every step."""
-        return self.feature_kd > 0 or self.augment == "crop"
+        """Feature distillation and random crops run the float graph at every step, block
+        reconstruction block by block."""
+        return self.feature_kd > 0 or self.augment == "crop" or self.reconstruct_steps > 0
 
     def sharpness(self, step: int) -> float:
         """Interpolation sharpness ``h`` at a learning ``step``: 1, and over the last
@@ -197,7 +203,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
               freeze: Callable[[QuantizedNetwork], object] | None = None,
               checkpoint: CheckpointSpec | None = None,
               dist: DistContext | None = None,
-              float_graph: nn.Module | None = None) -> list[StepRecord]:
+              float_graph: nn.Module | None = None,
+              on_block: Callable[[BlockResult], None] | None = None) -> list[StepRecord]:
     """Run both phases; ``fetch(indices) -> (inputs, labels or None)``.
 
     ``lam_schedule(step, lam, cost) -> lam`` may adapt lambda during the learning phase;
@@ -207,10 +214,12 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     ``checkpoint.resume`` continues from the saved state (and returns the whole history).
     With ``dist`` (several processes) every process must call this with the same arguments;
     ``fetch`` receives the process's shard of each global batch. ``float_graph`` (on the
-    network's device) is needed when ``cfg.feature_kd > 0`` or ``cfg.augment == "crop"``.
+    network's device) is needed when :meth:`TrainConfig.needs_float_graph`; ``on_block``
+    receives each reconstructed block's result.
     """
     if cfg.needs_float_graph() and float_graph is None:
-        raise ValueError("feature_kd > 0 and augment='crop' need the float graph")
+        raise ValueError("feature_kd > 0, augment='crop' and reconstruct_steps > 0 need the "
+                         "float graph")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
     run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), dist)
@@ -237,6 +246,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
             if step == learn and cfg.rounding_steps() > 0 and not net.roundings():
                 net.start_learned_rounding()
                 run.new_optimizer(bits=False)
+            if step == learn and cfg.reconstruct_steps > 0:
+                _reconstruct(run, fetch, n_train, float_graph, on_block)
             if step == learn + cfg.rounding_steps() and net.roundings():
                 net.finish_learned_rounding()
                 run.new_optimizer(bits=False)
@@ -261,10 +272,29 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
         q.sharpness = 1.0
     if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
+        if cfg.reconstruct_steps > 0:
+            _reconstruct(run, fetch, n_train, float_graph, on_block)
     net.finish_learned_rounding()
     if save is not None:
         save_checkpoint(save, run.state())
     return run.history
+
+
+def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
+                 n_train: int, float_graph: nn.Module | None,
+                 on_block: Callable[[BlockResult], None] | None) -> None:
+    """Block reconstruction on all ``n_train`` images, then a fresh optimizer; with several
+    processes every process computes it and rank 0's parameters are broadcast."""
+    if not isinstance(float_graph, fx.GraphModule):
+        raise ValueError("block reconstruction needs the float graph as an fx.GraphModule")
+    cfg = run.cfg
+    images = gather_images(fetch, n_train, cfg.batch_size, run.device)
+    rcfg = ReconstructConfig(steps=cfg.reconstruct_steps, batch_size=cfg.batch_size,
+                             lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr, seed=cfg.seed)
+    reconstruct(run.net, float_graph, images, rcfg, on_block if run.dist.is_main else None)
+    if run.dist.active:
+        broadcast_([*run.net.graph.parameters(), *run.net.graph.buffers()])
+    run.new_optimizer(bits=False)
 
 
 @contextmanager

@@ -164,11 +164,13 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--rounding-lr", "-1"), r"--rounding-lr must be >= 0"),
     (("--feature-kd", "-1"), r"--feature-kd must be >= 0"),
     (("--bit-anneal", "1.5"), r"--bit-anneal must be in \[0, 1\]"),
+    (("--reconstruct", "-1"), r"--reconstruct must be >= 0"),
+    (("--reconstruct-lr", "-1"), r"--reconstruct-lr must be >= 0"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding",
         "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1",
         "unknown-weight-rounding", "negative-rounding-lr", "negative-feature-kd",
-        "bit-anneal-1.5"])
+        "bit-anneal-1.5", "negative-reconstruct", "negative-reconstruct-lr"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -336,7 +338,8 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
                     "-o", out, "--pin-ends", "--bit-rounding", "ste", "--alpha-lr", "0",
                     "--target-bits", "5", "--bias-lr", "0.01", "--augment", "flip",
                     "--bias-correction", "--temperature", "2", "--act-drop", "0.25",
-                    "--weight-rounding", "learned", "--feature-kd", "0.5", "--bit-anneal", "0.3")
+                    "--weight-rounding", "learned", "--feature-kd", "0.5", "--bit-anneal", "0.3",
+                    "--reconstruct", "3", "--reconstruct-lr", "1e-3")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
@@ -345,6 +348,11 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     assert (config["act_drop"], config["weight_rounding"], config["feature_kd"]) == (
         0.25, "learned", 0.5)
     assert config["bit_anneal"] == 0.3
+    assert (config["reconstruct"], config["reconstruct_lr"]) == (3, 1e-3)
+    blocks = report["reconstruction"]
+    assert blocks and all(b["loss_after"] <= b["loss_before"] for b in blocks)
+    assert [n for b in blocks for n in b["layers"]] == [
+        layer["name"] for layer in report["layers"] if layer["weight_quantized"]]
     assert report["data"]["n_train_views"] == 2 * report["data"]["n_train"]
     assert config["bias_correction"] and report["bias_correction"]
     layers = report["layers"]

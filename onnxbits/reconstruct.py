@@ -1,0 +1,256 @@
+"""Block-wise reconstruction at frozen bits (BRECQ-style): each block of the quantized network
+learns to reproduce the float network's output of that block.
+
+Blocks come from *cuts*: graph nodes after which the node's own value is the only tensor still
+alive (constants aside), found in the quantized and the float graph alike (same node names). The
+sub-graph between two cuts maps one tensor to one tensor; consecutive sub-graphs are merged until
+each holds at least ``min_layers`` quantized layers (residual blocks stay whole: their skip input
+is alive inside them, so no cut falls there).
+
+Block ``b`` in turn, over the ``N`` fine-tune images (in order, ``x_0`` = the images):
+``y_b = F_b(y_{b-1})`` (float block on the float path), then ``K`` Adam steps on
+``L_b = mean((Q_b(x_{b-1}) - y_b)^2)`` over random batches, where ``x_{b-1}`` is the quantized
+network's own input to the block (the earlier blocks already reconstructed), the weights, biases
+and clip values of the block's quantizers being trained (the rounding logits instead of the
+weights while learned rounding is active, :mod:`onnxbits.quant.rounding`) with a cosine-decaying
+learning rate; then ``x_b = Q_b(x_{b-1})``. A block whose loss over the ``N`` images ends above
+its starting loss gets its parameters back. Bits stay as frozen. No I/O, no printing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, fx, nn
+
+from onnxbits.insert import QuantizedNetwork, QuantWeightLayer
+from onnxbits.quant.quantizer import BitQuantizer
+
+__all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruct",
+           "split_blocks"]
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Steps per block, batch, learning rates (Adam: weights and biases, log clip values,
+    rounding logits), the least quantized layers per block and the seed of the batches."""
+
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-4
+    alpha_lr: float = 1e-3
+    rounding_lr: float = 1e-2
+    min_layers: int = 3
+    seed: int = 0
+
+
+@dataclass
+class BlockResult:
+    """One reconstructed block: its layers, the block loss before and after, and wall seconds."""
+
+    block: int
+    layers: list[str]
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        """The result as a plain dict (JSON report)."""
+        return asdict(self)
+
+
+@dataclass
+class Block:
+    """A quantized sub-graph, its float twin and the site nodes (layers) it holds."""
+
+    quantized: fx.GraphModule
+    float: fx.GraphModule
+    layers: list[str]
+
+
+def find_cuts(graph: fx.Graph) -> list[str]:
+    """Names of the nodes, in graph order, after which that node's value is the only live
+    tensor (``get_attr`` constants do not count; the output node is not a cut)."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
+    open_values: set[fx.Node] = set()
+    cuts = []
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        if node.op not in ("get_attr", "placeholder") and last_use[node] > i:
+            open_values.add(node)
+        open_values = {n for n in open_values if last_use[n] > i}
+        if open_values == {node} and not any(n.op == "placeholder" and last_use[n] > i
+                                             for n in nodes[:i]):
+            cuts.append(node.name)
+    return cuts
+
+
+def _segment(root: nn.Module, graph: fx.Graph, start: str | None, end: str | None) -> fx.GraphModule:
+    """The sub-graph computing node ``end`` (the graph's output if None) from node ``start``
+    (the graph's inputs if None); ``start`` becomes the one placeholder."""
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = list(graph.nodes)
+    names = [n.name for n in nodes]
+    first = 0 if start is None else names.index(start) + 1
+    if start is not None:
+        env[nodes[first - 1]] = sub.placeholder("x")
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:           # a constant read before the segment: copy it in
+            if n.op != "get_attr":
+                raise ValueError(f"node {n.name} crosses the cut at {start}")
+            env[n] = sub.node_copy(n, lookup)
+        return env[n]
+
+    for node in nodes[first:]:
+        if node.op == "output":
+            sub.output(fx.map_arg(node.args[0], lookup))
+            break
+        env[node] = sub.node_copy(node, lookup)
+        if node.name == end:
+            sub.output(env[node])
+            break
+    return fx.GraphModule(root, sub)
+
+
+def split_blocks(net: QuantizedNetwork, float_graph: fx.GraphModule,
+                 min_layers: int = 3) -> list[Block]:
+    """Cut both graphs at the cuts they share and merge the pieces into blocks of at least
+    ``min_layers`` quantized layers (the last block takes any remainder)."""
+    float_cuts = set(find_cuts(float_graph.graph))
+    cuts = [c for c in find_cuts(net.graph.graph) if c in float_cuts]
+    modules = dict(net.graph.named_modules())
+    layer_of = {id(layer): node for node, layer in net.layers.items()}
+    pieces: list[tuple[str | None, list[str]]] = []     # (end cut, layers in the piece)
+    current: list[str] = []
+    for node in net.graph.graph.nodes:
+        if node.op == "call_module" and id(modules[str(node.target)]) in layer_of:
+            current.append(layer_of[id(modules[str(node.target)])])
+        if node.name in cuts:
+            pieces.append((node.name, current))
+            current = []
+    pieces.append((None, current))
+    groups: list[tuple[str | None, list[str]]] = []
+    layers: list[str] = []
+    for end, piece_layers in pieces:
+        layers = layers + piece_layers
+        if len(layers) >= min_layers or end is None:
+            groups.append((end, layers))
+            layers = []
+    if len(groups) > 1 and len(groups[-1][1]) < min_layers:
+        end, tail = groups.pop()
+        groups[-1] = (end, groups[-1][1] + tail)
+    blocks, start = [], None
+    for end, block_layers in groups:
+        blocks.append(Block(_segment(net.graph, net.graph.graph, start, end),
+                            _segment(float_graph, float_graph.graph, start, end), block_layers))
+        start = end
+    return blocks
+
+
+def _first(out: Tensor | tuple | list) -> Tensor:
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _block_parameters(block: Block, net: QuantizedNetwork, cfg: ReconstructConfig
+                      ) -> list[dict[str, object]]:
+    """Adam groups: the block's weights (or rounding logits) and biases, and clip values."""
+    kernels, biases, alphas, logits = [], [], [], []
+    for module in block.quantized.modules():
+        if isinstance(module, QuantWeightLayer):
+            if module.rounding is not None:
+                logits.append(module.rounding.logits)
+            else:
+                kernels.append(module.float_weight())
+                alphas.append(module.wq.log_alpha)
+            if module.bias() is not None:
+                biases.append(module.bias())
+        elif isinstance(module, BitQuantizer) and module in net.acts.values():
+            alphas.append(module.log_alpha)
+    groups = [{"params": kernels + biases, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr},
+              {"params": logits, "lr": cfg.rounding_lr}]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
+    """``module`` over ``inputs`` in chunks of ``batch`` rows, first output, concatenated."""
+    return torch.cat([_first(module(inputs[s:s + batch])).detach()
+                      for s in range(0, len(inputs), batch)])
+
+
+def _block_loss(block: Block, inputs: Tensor, targets: Tensor, batch: int) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, len(inputs), batch):
+            out = _first(block.quantized(inputs[s:s + batch]))
+            total += float(((out - targets[s:s + batch]) ** 2).mean()) * len(out)
+    return total / max(len(inputs), 1)
+
+
+def _train_block(block: Block, net: QuantizedNetwork, inputs: Tensor, targets: Tensor,
+                 cfg: ReconstructConfig, generator: torch.Generator) -> None:
+    groups = _block_parameters(block, net, cfg)
+    if not groups or cfg.steps == 0:
+        return
+    opt = torch.optim.Adam(groups)
+    base = [float(g["lr"]) for g in opt.param_groups]
+    batch = min(cfg.batch_size, len(inputs))
+    for step in range(cfg.steps):
+        for group, lr in zip(opt.param_groups, base, strict=True):
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        idx = torch.randperm(len(inputs), generator=generator)[:batch]
+        out = _first(block.quantized(inputs[idx]))
+        loss = ((out - targets[idx]) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tensor,
+                cfg: ReconstructConfig,
+                on_block: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
+    """Reconstruct every block in order (module docstring) on ``images`` (``N`` inputs, on the
+    network's device); returns one :class:`BlockResult` per block."""
+    blocks = split_blocks(net, float_graph, cfg.min_layers)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    quant_in, float_in = images, images
+    results = []
+    for b, block in enumerate(blocks):
+        started = time.perf_counter()
+        targets = _run_all(block.float, float_in, cfg.batch_size)
+        before = _block_loss(block, quant_in, targets, cfg.batch_size)
+        params = [p for g in _block_parameters(block, net, cfg) for p in g["params"]]
+        saved = [p.detach().clone() for p in params]
+        _train_block(block, net, quant_in, targets, cfg, generator)
+        quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
+        after = float(((quant_out - targets) ** 2).mean())
+        if not after <= before:            # never leave a block worse than it came
+            with torch.no_grad():
+                for p, value in zip(params, saved, strict=True):
+                    p.copy_(value)
+            quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
+            after = before
+        result = BlockResult(b, block.layers, before, after, time.perf_counter() - started)
+        results.append(result)
+        if on_block is not None:
+            on_block(result)
+        quant_in, float_in = quant_out, targets
+    return results
+
+
+def gather_images(fetch: Callable[[np.ndarray], tuple[Tensor, object]], n: int, batch: int,
+                  device: torch.device) -> Tensor:
+    """All ``n`` fine-tune inputs in order, on ``device``."""
+    chunks: Iterable[Tensor] = (fetch(np.arange(s, min(s + batch, n)))[0]
+                                for s in range(0, n, batch))
+    return torch.cat([c.to(device) for c in chunks])
