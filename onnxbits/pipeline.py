@@ -242,7 +242,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        bias_correction=corrected, reconstruction=blocks, runtime={**runtime, "stages": stages.seconds()},
+        bias_correction=corrected, reconstruction=blocks,
+        runtime={**runtime, "stages": stages.seconds()},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
     write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)

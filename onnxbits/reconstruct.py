@@ -93,7 +93,8 @@ def find_cuts(graph: fx.Graph) -> list[str]:
     return cuts
 
 
-def _segment(root: nn.Module, graph: fx.Graph, start: str | None, end: str | None) -> fx.GraphModule:
+def _segment(root: nn.Module, graph: fx.Graph, start: str | None,
+             end: str | None) -> fx.GraphModule:
     """The sub-graph computing node ``end`` (the graph's output if None) from node ``start``
     (the graph's inputs if None); ``start`` becomes the one placeholder."""
     sub = fx.Graph()
