@@ -7,7 +7,8 @@ sub-graph between two cuts maps one tensor to one tensor; consecutive sub-graphs
 each holds at least ``min_layers`` quantized layers (residual blocks stay whole: their skip input
 is alive inside them, so no cut falls there).
 
-Block ``b`` in turn, over the ``N`` fine-tune images (in order, ``x_0`` = the images):
+Block ``b`` in turn, over the ``N`` fine-tune images (at most ``max_images``; ``x_0`` = the
+images):
 ``y_b = F_b(y_{b-1})`` (float block on the float path), then ``K`` Adam steps on
 ``L_b = mean((Q_b(x_{b-1}) - y_b)^2)`` over random batches, where ``x_{b-1}`` is the quantized
 network's own input to the block (the earlier blocks already reconstructed), the weights, biases
@@ -38,7 +39,8 @@ __all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruc
 @dataclass(frozen=True)
 class ReconstructConfig:
     """Steps per block, batch, learning rates (Adam: weights and biases, log clip values,
-    rounding logits), the least quantized layers per block and the seed of the batches."""
+    rounding logits), the least quantized layers per block, the most images (a seeded subset of
+    the fine-tune images beyond that) and the seed of the batches."""
 
     steps: int = 200
     batch_size: int = 32
@@ -46,6 +48,7 @@ class ReconstructConfig:
     alpha_lr: float = 1e-3
     rounding_lr: float = 1e-2
     min_layers: int = 3
+    max_images: int = 1024
     seed: int = 0
 
 
@@ -229,6 +232,7 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
     for b, block in enumerate(blocks):
         started = time.perf_counter()
         targets = _run_all(block.float, float_in, cfg.batch_size)
+        del float_in                      # peak memory: inputs, targets and outputs of one block
         before = _block_loss(block, quant_in, targets, cfg.batch_size)
         params = [p for g in _block_parameters(block, net, cfg) for p in g["params"]]
         saved = [p.detach().clone() for p in params]
@@ -249,9 +253,13 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
     return results
 
 
-def gather_images(fetch: Callable[[np.ndarray], tuple[Tensor, object]], n: int, batch: int,
-                  device: torch.device) -> Tensor:
-    """All ``n`` fine-tune inputs in order, on ``device``."""
-    chunks: Iterable[Tensor] = (fetch(np.arange(s, min(s + batch, n)))[0]
-                                for s in range(0, n, batch))
+def gather_images(fetch: Callable[[np.ndarray], tuple[Tensor, object]], n: int,
+                  cfg: ReconstructConfig, device: torch.device) -> Tensor:
+    """The ``n`` fine-tune inputs in order, or ``cfg.max_images`` of them drawn without
+    replacement with ``cfg.seed`` (kept in order), on ``device``."""
+    idx = np.arange(n)
+    if n > cfg.max_images:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.max_images, replace=False))
+    chunks: Iterable[Tensor] = (fetch(idx[s:s + cfg.batch_size])[0]
+                                for s in range(0, len(idx), cfg.batch_size))
     return torch.cat([c.to(device) for c in chunks])

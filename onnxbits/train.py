@@ -283,14 +283,14 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
 def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
                  n_train: int, float_graph: nn.Module | None,
                  on_block: Callable[[BlockResult], None] | None) -> None:
-    """Block reconstruction on all ``n_train`` images, then a fresh optimizer; with several
+    """Block reconstruction on the fine-tune images, then a fresh optimizer; with several
     processes every process computes it and rank 0's parameters are broadcast."""
     if not isinstance(float_graph, fx.GraphModule):
         raise ValueError("block reconstruction needs the float graph as an fx.GraphModule")
     cfg = run.cfg
-    images = gather_images(fetch, n_train, cfg.batch_size, run.device)
     rcfg = ReconstructConfig(steps=cfg.reconstruct_steps, batch_size=cfg.batch_size,
                              lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr, seed=cfg.seed)
+    images = gather_images(fetch, n_train, rcfg, run.device)
     reconstruct(run.net, float_graph, images, rcfg, on_block if run.dist.is_main else None)
     if run.dist.active:
         broadcast_([*run.net.graph.parameters(), *run.net.graph.buffers()])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from onnxbits.reconstruct import ReconstructConfig, find_cuts, reconstruct, split_blocks
+from onnxbits.reconstruct import (
+    ReconstructConfig, find_cuts, gather_images, reconstruct, split_blocks)
 from onnxbits.train import TrainConfig, fine_tune, freeze_all
 from tests.builders import ALL_BUILDERS, linear_bottleneck, residual_block
 from tests.conftest import Calibrated, calibrated_network
@@ -106,3 +108,20 @@ def test_reconstruction_without_a_frozen_phase_runs_after_the_freeze() -> None:
     fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg,
               float_graph=s.graph, on_block=blocks.append)
     assert blocks and not s.net.roundings()
+
+
+def test_images_are_capped_by_a_seeded_subset_in_order() -> None:
+    seen: list[np.ndarray] = []
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, None]:
+        seen.append(idx)
+        return torch.from_numpy(idx.astype(np.float32))[:, None], None
+
+    cfg = ReconstructConfig(batch_size=4, max_images=10, seed=3)
+    images = gather_images(fetch, 25, cfg, torch.device("cpu"))
+    picked = images[:, 0].numpy()
+    assert len(picked) == 10 and len(set(picked)) == 10 and (np.diff(picked) > 0).all()
+    assert all(len(i) <= 4 for i in seen)
+    assert torch.equal(gather_images(fetch, 25, cfg, torch.device("cpu")), images)
+    everything = gather_images(fetch, 7, cfg, torch.device("cpu"))
+    assert everything[:, 0].tolist() == list(range(7))
