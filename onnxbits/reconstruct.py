@@ -232,7 +232,8 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
     for b, block in enumerate(blocks):
         started = time.perf_counter()
         targets = _run_all(block.float, float_in, cfg.batch_size)
-        del float_in                      # peak memory: inputs, targets and outputs of one block
+        float_in = targets       # the previous float inputs are freed: peak memory is one
+                                 # block's quantized inputs, targets and quantized outputs
         before = _block_loss(block, quant_in, targets, cfg.batch_size)
         params = [p for g in _block_parameters(block, net, cfg) for p in g["params"]]
         saved = [p.detach().clone() for p in params]
@@ -249,7 +250,7 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
         results.append(result)
         if on_block is not None:
             on_block(result)
-        quant_in, float_in = quant_out, targets
+        quant_in = quant_out
     return results
 
 
