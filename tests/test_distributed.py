@@ -30,9 +30,10 @@ from tests.test_cli_shrink import image_folder
 from tests.test_train import setup
 
 WORLD = 2
-# (global batch, steps, augment): 16 splits 8 + 8; 15 splits 8 + 7 (the shards are weighted
-# 8/15, 7/15); with random crops each process crops its rows of the global batch
-RUNS = ((16, 16, "none"), (15, 12, "none"), (15, 8, "crop"))
+# (global batch, steps, augment, reconstruction steps): 16 splits 8 + 8; 15 splits 8 + 7 (the
+# shards are weighted 8/15, 7/15); with random crops each process crops its rows of the global
+# batch; block reconstruction runs in every process on all images
+RUNS = ((16, 16, "none", 0), (15, 12, "none", 0), (15, 8, "crop", 0), (16, 8, "none", 3))
 TARGET_BITS = 5.0
 
 
@@ -61,12 +62,12 @@ def join_group(rank: int, world: int, port: int) -> DistContext:
     return init_from_env("cpu")
 
 
-def budget_fine_tune(batch: int, steps: int, augment: str,
+def budget_fine_tune(batch: int, steps: int, augment: str, reconstruct: int,
                      dist: DistContext | None) -> dict[str, Any]:
     """Budget-mode fine-tune of the tiny Conv-Relu-Gemm model; the learned and frozen bits."""
     s = setup(min_bits=2, max_bits=8)
     cfg = TrainConfig(steps=steps, frozen_steps=steps // 4, batch_size=batch, lam=0.5,
-                      augment=augment)
+                      augment=augment, reconstruct_steps=reconstruct)
     start = float(bit_cost("bits", layer_bits(s.net)).detach())
     controller = LambdaController(TARGET_BITS, start, cfg.learn_steps())
     history = fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg,
