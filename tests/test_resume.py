@@ -367,31 +367,9 @@ def test_resume_inside_learned_rounding_matches_the_uninterrupted_run(step: int,
     assert_same_as_reference(resumed, resumed_history, reference)
 
 
-@pytest.mark.parametrize("step", [3, 9], ids=["learning", "frozen"])
-def test_resume_with_random_crops_matches_the_uninterrupted_run(step: int,
-                                                                 tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=12, frozen_steps=4, batch_size=8, lam=0.5, seed=3, augment="crop")
-    run = fresh()
-    history = run.fine_tune(cfg, float_graph=run.graph)
-    reference = (run.bits(), run.net.graph.state_dict(), history, run.emitted())
-    spec = CheckpointSpec(tmp_path / "run.ckpt", every=0)
-    interrupted = fresh()
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fine_tune(cfg, checkpoint=spec, on_step=interrupt_at(step),
-                              float_graph=interrupted.graph)
-    resumed = fresh()
-    resumed_history = resumed.fine_tune(cfg, checkpoint=CheckpointSpec(spec.path, every=0,
-                                                                       resume=True),
-                                        float_graph=resumed.graph)
-    assert_same_as_reference(resumed, resumed_history, reference)
-
-
-@pytest.mark.parametrize("step", [5, 6, 9], ids=["before-reconstruction",
-                                                 "first-step-after-it", "frozen"])
-def test_resume_around_block_reconstruction_matches_the_uninterrupted_run(
-        step: int, tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=12, frozen_steps=6, batch_size=8, lam=0.5, seed=3,
-                      reconstruct_steps=3, weight_rounding="learned")   # reconstructs at step 6
+def resume_with_float_graph_matches(cfg: TrainConfig, step: int, tmp_path: Path) -> list:
+    """Interrupt a run that needs the float graph after ``step``, resume it, compare it with the
+    uninterrupted run; returns the blocks the resumed run reconstructed."""
     run = fresh()
     history = run.fine_tune(cfg, float_graph=run.graph)
     reference = (run.bits(), run.net.graph.state_dict(), history, run.emitted())
@@ -404,5 +382,22 @@ def test_resume_around_block_reconstruction_matches_the_uninterrupted_run(
     resumed_history = resumed.fine_tune(cfg, checkpoint=CheckpointSpec(spec.path, every=0,
                                                                        resume=True),
                                         float_graph=resumed.graph, on_block=blocks.append)
-    assert bool(blocks) == (step < 6)     # reconstructed once, in whichever run reached it
     assert_same_as_reference(resumed, resumed_history, reference)
+    return blocks
+
+
+@pytest.mark.parametrize("step", [3, 9], ids=["learning", "frozen"])
+def test_resume_with_random_crops_matches_the_uninterrupted_run(step: int,
+                                                                 tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=12, frozen_steps=4, batch_size=8, lam=0.5, seed=3, augment="crop")
+    assert resume_with_float_graph_matches(cfg, step, tmp_path) == []
+
+
+@pytest.mark.parametrize("step", [5, 6, 9], ids=["before-reconstruction",
+                                                 "first-step-after-it", "frozen"])
+def test_resume_around_block_reconstruction_matches_the_uninterrupted_run(
+        step: int, tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=12, frozen_steps=6, batch_size=8, lam=0.5, seed=3,
+                      reconstruct_steps=3, weight_rounding="learned")   # reconstructs at step 6
+    blocks = resume_with_float_graph_matches(cfg, step, tmp_path)
+    assert bool(blocks) == (step < 6)     # reconstructed once, in whichever run reached it
