@@ -110,6 +110,8 @@ ABLATIONS: dict[str, dict] = {
     "learned weight rounding (down/up, frozen phase)": {"weight_rounding": "learned"},
     "feature distillation (weight 1)": {"feature_kd": 1.0},
     "block reconstruction at the freeze (200 steps per block)": {"reconstruct": 200},
+    "block reconstruction instead of the frozen-bit fine-tune": {"reconstruct": 200,
+                                                                 "frozen_steps": 0},
     "QDrop on activations (p 0.5)": {"act_drop": 0.5},
     "weight learning rate 1e-5 (default 1e-4)": {"lr": 1e-5},
     "weight learning rate 1e-3": {"lr": 1e-3},
