@@ -149,7 +149,8 @@ class _ProgressView:
 @click.option("--reconstruct", type=int, default=0, show_default=True, metavar="K",
               help="At the start of the frozen-bit phase, train each block of the network "
                    "(residual blocks whole, at least 3 layers) for K steps to reproduce the "
-                   "float model's block output on all fine-tune images (BRECQ-style; 0: off).")
+                   "float model's block output on the fine-tune images (BRECQ-style; 0: off). "
+                   "With --frozen-steps 0 it replaces the frozen-bit fine-tune.")
 @click.option("--reconstruct-lr", type=float, default=1e-4, show_default=True,
               help="Adam learning rate of weights and biases during --reconstruct.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
