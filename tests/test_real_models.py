@@ -64,3 +64,29 @@ def test_shrink_resnet20_cifar10_protocol(tmp_path: Path) -> None:
         "cifar10", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["n"] == 10000
+
+
+# mobilenet_v2: 17 inverted-residual blocks (stem + first block, 15, last block + head);
+# resnet20: stem + 9 basic blocks of 2 convolutions + classifier -> pairs of basic blocks
+@pytest.mark.parametrize("model,blocks", [("mobilenet_v2_1.0_224_dq.onnx", 17),
+                                          ("resnet20_cifar10.onnx", 5)])
+def test_real_graphs_split_into_blocks_that_chain_into_the_network(model: str,
+                                                                   blocks: int) -> None:
+    """Block reconstruction's cuts on real graphs: residual blocks whole, exact chaining."""
+    import onnx
+    import torch
+
+    from onnxbits.reconstruct import split_blocks
+    from tests.conftest import calibrated_network
+
+    s = calibrated_network(onnx.load(str(SHARED / "models" / model)), batch=4)
+    assert s.graph is not None
+    found = split_blocks(s.net, s.graph, min_layers=3)
+    assert len(found) == blocks
+    assert [n for b in found for n in b.layers] == [site.node for site in s.net.sites]
+    quant, flt = s.x, s.x
+    with torch.no_grad():
+        for block in found:
+            quant, flt = block.quantized(quant), block.float(flt)
+        torch.testing.assert_close(quant, s.net(s.x), rtol=0, atol=0)
+        torch.testing.assert_close(flt, s.graph(s.x), rtol=1e-5, atol=1e-4)
