@@ -12,8 +12,9 @@ the first 80 % of phase 2 learn whether each weight rounds down or up
 (:mod:`onnxbits.quant.rounding`) instead of fine-tuning the weights, with the weights' clip
 values fixed; the weights then become those roundings and the last 20 % fine-tune as without
 it (the weights' clip values still fixed). With ``reconstruct_steps = K > 0`` phase 2 starts
-with block-wise reconstruction on all fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
-per block, after the learned rounding has started if it is on). With ``act_drop = p > 0`` (QDrop)
+with block-wise reconstruction on the fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
+per block, after the learned rounding has started if it is on; without a phase 2 it follows the
+final freeze). With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
