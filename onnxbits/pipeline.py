@@ -193,8 +193,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
-                        float_graph=online_graph,
-                        on_block=on_block)
+                        float_graph=online_graph, on_block=on_block)
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     close(ctx)

@@ -82,16 +82,15 @@ def find_cuts(graph: fx.Graph) -> list[str]:
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
-    open_values: set[fx.Node] = set()
+    open_values: set[fx.Node] = set()       # graph inputs included: no cut while one is alive
     cuts = []
     for i, node in enumerate(nodes):
         if node.op == "output":
             break
-        if node.op not in ("get_attr", "placeholder") and last_use[node] > i:
+        if node.op != "get_attr" and last_use[node] > i:
             open_values.add(node)
         open_values = {n for n in open_values if last_use[n] > i}
-        if open_values == {node} and not any(n.op == "placeholder" and last_use[n] > i
-                                             for n in nodes[:i]):
+        if node.op != "placeholder" and open_values == {node}:
             cuts.append(node.name)
     return cuts
 
@@ -130,15 +129,15 @@ def split_blocks(net: QuantizedNetwork, float_graph: fx.GraphModule,
                  min_layers: int = 3) -> list[Block]:
     """Cut both graphs at the cuts they share and merge the pieces into blocks of at least
     ``min_layers`` quantized layers (the last block takes any remainder)."""
-    float_cuts = set(find_cuts(float_graph.graph))
-    cuts = [c for c in find_cuts(net.graph.graph) if c in float_cuts]
+    cuts = set(find_cuts(net.graph.graph)) & set(find_cuts(float_graph.graph))
     modules = dict(net.graph.named_modules())
     layer_of = {id(layer): node for node, layer in net.layers.items()}
     pieces: list[tuple[str | None, list[str]]] = []     # (end cut, layers in the piece)
     current: list[str] = []
     for node in net.graph.graph.nodes:
-        if node.op == "call_module" and id(modules[str(node.target)]) in layer_of:
-            current.append(layer_of[id(modules[str(node.target)])])
+        layer = id(modules[str(node.target)]) if node.op == "call_module" else None
+        if layer in layer_of:
+            current.append(layer_of[layer])
         if node.name in cuts:
             pieces.append((node.name, current))
             current = []
@@ -192,18 +191,9 @@ def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
                       for s in range(0, len(inputs), batch)])
 
 
-def _block_loss(block: Block, inputs: Tensor, targets: Tensor, batch: int) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for s in range(0, len(inputs), batch):
-            out = _first(block.quantized(inputs[s:s + batch]))
-            total += float(((out - targets[s:s + batch]) ** 2).mean()) * len(out)
-    return total / max(len(inputs), 1)
-
-
-def _train_block(block: Block, net: QuantizedNetwork, inputs: Tensor, targets: Tensor,
-                 cfg: ReconstructConfig, generator: torch.Generator) -> None:
-    groups = _block_parameters(block, net, cfg)
+def _train_block(block: Block, groups: list[dict[str, object]], inputs: Tensor,
+                 targets: Tensor, cfg: ReconstructConfig, generator: torch.Generator) -> None:
+    """``cfg.steps`` Adam steps on the block loss over random batches (module docstring)."""
     if not groups or cfg.steps == 0:
         return
     opt = torch.optim.Adam(groups)
@@ -234,10 +224,12 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
         targets = _run_all(block.float, float_in, cfg.batch_size)
         float_in = targets       # the previous float inputs are freed: peak memory is one
                                  # block's quantized inputs, targets and quantized outputs
-        before = _block_loss(block, quant_in, targets, cfg.batch_size)
-        params = [p for g in _block_parameters(block, net, cfg) for p in g["params"]]
+        before = float(((_run_all(block.quantized, quant_in, cfg.batch_size) - targets) ** 2)
+                       .mean())
+        groups = _block_parameters(block, net, cfg)
+        params = [p for g in groups for p in g["params"]]
         saved = [p.detach().clone() for p in params]
-        _train_block(block, net, quant_in, targets, cfg, generator)
+        _train_block(block, groups, quant_in, targets, cfg, generator)
         quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
         after = float(((quant_out - targets) ** 2).mean())
         if not after <= before:            # never leave a block worse than it came
