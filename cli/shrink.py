@@ -143,7 +143,8 @@ class _ProgressView:
               show_default=True,
               help="learned = learn whether each weight rounds down or up in the first 80 % of "
                    "the frozen-bit phase (AdaRound's parametrisation, hard roundings with a "
-                   "straight-through gradient) instead of fine-tuning the weights there.")
+                   "straight-through gradient) instead of fine-tuning the weights there; with "
+                   "--frozen-steps 0 --reconstruct K the block reconstruction learns them.")
 @click.option("--rounding-lr", type=float, default=1e-2, show_default=True,
               help="Learning rate of the rounding logits (--weight-rounding learned).")
 @click.option("--reconstruct", type=int, default=0, show_default=True, metavar="K",

@@ -14,7 +14,7 @@ values fixed; the weights then become those roundings and the last 20 % fine-tun
 it (the weights' clip values still fixed). With ``reconstruct_steps = K > 0`` phase 2 starts
 with block-wise reconstruction on the fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
 per block, after the learned rounding has started if it is on; without a phase 2 it follows the
-final freeze). With ``act_drop = p > 0`` (QDrop)
+final freeze, and with ``weight_rounding="learned"`` it then learns the roundings). With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from onnxbits.augment import apply_crops, sample_crops, step_generator
@@ -59,72 +58,13 @@ from onnxbits.distributed import DistContext, any_rank, average_gradients, broad
 from onnxbits.errors import ConfigError
 from onnxbits.features import FeatureTaps
 from onnxbits.insert import QuantizedNetwork, layer_bits
+from onnxbits.losses import task_loss
 from onnxbits.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 from onnxbits.sampler import BatchSampler, batch_indices
+from onnxbits.train_config import MAX_SHARPNESS, TrainConfig
 
-__all__ = ["BatchSampler", "StepRecord", "TrainConfig", "batch_indices", "fine_tune",
-           "freeze_all", "task_loss"]
-
-
-MAX_SHARPNESS = 100.0   # h at the end of bit annealing: a_h in (0, 1) only where |a - 1/2| < 0.005
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of the fine-tune (see the module docstring for the phases)."""
-
-    steps: int = 300
-    frozen_steps: int | None = None      # default: 30 % of steps
-    batch_size: int = 64
-    lr: float = 1e-4                     # Adam, weights (and biases unless bias_lr)
-    bias_lr: float | None = None         # Adam, biases; default lr
-    alpha_lr: float = 1e-2               # Adam, log clip values
-    bits_lr: float | None = None         # Adam, bitlengths; default 2 (max - min) / learn steps
-    lam: float = 0.05
-    objective: str = "bits"
-    loss: str = "kd"                     # kd | ce | kd+ce
-    temperature: float = 1.0
-    act_drop: float = 0.0                # QDrop probability on activation quantizers
-    feature_kd: float = 0.0              # weight of the feature loss (needs the float graph)
-    weight_rounding: str = "nearest"     # nearest | learned (frozen phase)
-    rounding_lr: float = 1e-2            # Adam, rounding logits V
-    augment: str = "none"                # none | crop (random crops, float graph as teacher)
-    bit_anneal: float = 0.0              # fraction of the learning phase that sharpens bits
-    reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
-    reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
-    seed: int = 0
-    amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
-
-    def learn_steps(self) -> int:
-        """Steps of the learning phase."""
-        return self.steps - self.n_frozen()
-
-    def rounding_steps(self) -> int:
-        """Frozen-phase steps with learned rounding (80 % of them; 0 with nearest rounding)."""
-        if self.weight_rounding == "nearest":
-            return 0
-        return int(round(0.8 * self.n_frozen()))
-
-    def needs_float_graph(self) -> bool:
-        """Feature distillation and random crops run the float graph at every step, block
-        reconstruction block by block."""
-        return self.feature_kd > 0 or self.augment == "crop" or self.reconstruct_steps > 0
-
-    def sharpness(self, step: int) -> float:
-        """Interpolation sharpness ``h`` at a learning ``step``: 1, and over the last
-        ``m = round(bit_anneal * learn)`` learning steps ``MAX_SHARPNESS ** ((step - s0 + 1) / m)``
-        with ``s0 = learn - m`` (so ``h = MAX_SHARPNESS`` at the last learning step)."""
-        learn = self.learn_steps()
-        m = int(round(self.bit_anneal * learn))
-        if m == 0 or step < learn - m or step >= learn:
-            return 1.0
-        return float(MAX_SHARPNESS ** ((step - (learn - m) + 1) / m))
-
-    def n_frozen(self) -> int:
-        """Steps of the frozen-bit phase."""
-        if self.frozen_steps is not None:
-            return min(self.frozen_steps, self.steps)
-        return int(round(0.3 * self.steps))
+__all__ = ["MAX_SHARPNESS", "BatchSampler", "StepRecord", "TrainConfig", "batch_indices",
+           "fine_tune", "freeze_all", "task_loss"]
 
 
 @dataclass
@@ -142,36 +82,6 @@ class StepRecord:
     def to_dict(self) -> dict[str, float | int | str]:
         """The record as a plain dict (JSON, checkpoints)."""
         return asdict(self)
-
-
-def task_loss(student: Tensor, teacher: Tensor | None, labels: Tensor | None, kind: str,
-              temperature: float) -> Tensor:
-    """Distillation (``kd``), cross-entropy (``ce``) or their sum (``kd+ce``).
-
-    ``kd = T^2 KL(softmax(teacher / T) || softmax(student / T))`` (batch mean, ``T`` the
-    temperature; ``T^2`` keeps its gradient's scale independent of ``T``), ``ce`` on the labels at
-    temperature 1.
-    """
-    student = _as_logits(student)
-    teacher = _as_logits(teacher) if teacher is not None else None
-    loss = student.new_zeros(())
-    if "kd" in kind:
-        if teacher is None:
-            raise ValueError(f"loss {kind!r} needs teacher logits")
-        t = temperature
-        loss = loss + F.kl_div(F.log_softmax(student / t, dim=-1),
-                               F.log_softmax(teacher / t, dim=-1),
-                               reduction="batchmean", log_target=True) * t * t
-    if "ce" in kind:
-        loss = loss + F.cross_entropy(student, labels)
-    return loss
-
-
-def _as_logits(x: Tensor) -> Tensor:
-    """``(N, C, 1, 1, ...)`` -> ``(N, C)``; other shapes unchanged."""
-    if x.dim() > 2 and all(d == 1 for d in x.shape[2:]):
-        return x.flatten(1)
-    return x
 
 
 def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.optim.Optimizer:
@@ -274,6 +184,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
         if cfg.reconstruct_steps > 0:
+            if cfg.weight_rounding != "nearest":
+                net.start_learned_rounding()
             _reconstruct(run, fetch, n_train, float_graph, on_block)
     net.finish_learned_rounding()
     if save is not None:

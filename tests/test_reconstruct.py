@@ -104,10 +104,19 @@ def test_reconstruction_without_a_frozen_phase_runs_after_the_freeze() -> None:
     assert s.graph is not None
     cfg = TrainConfig(steps=3, frozen_steps=0, batch_size=16, reconstruct_steps=2,
                       weight_rounding="learned")
-    blocks = []
+    blocks, active = [], []
+
+    def on_block(result) -> None:
+        blocks.append(result)
+        active.append(len(s.net.roundings()))
+
     fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg,
-              float_graph=s.graph, on_block=blocks.append)
-    assert blocks and not s.net.roundings()
+              float_graph=s.graph, on_block=on_block)
+    assert blocks and active == [len(s.net.layers)] * len(blocks)   # it learned the roundings
+    assert not s.net.roundings()
+    with torch.no_grad():
+        for layer in s.net.layers.values():      # the weights became grid points
+            torch.testing.assert_close(layer.wq(layer.float_weight()), layer.float_weight())
 
 
 def test_images_are_capped_by_a_seeded_subset_in_order() -> None:
