@@ -154,6 +154,9 @@ class _ProgressView:
                    "With --frozen-steps 0 it replaces the frozen-bit fine-tune.")
 @click.option("--reconstruct-lr", type=float, default=1e-4, show_default=True,
               help="Adam learning rate of weights and biases during --reconstruct.")
+@click.option("--reconstruct-drop", type=float, default=0.0, show_default=True, metavar="P",
+              help="QDrop during --reconstruct: while a block trains, each of its activations "
+                   "keeps its float value with probability P (0: off).")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
@@ -206,7 +209,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
             "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
             "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
-            "reconstruct", "reconstruct_lr",
+            "reconstruct", "reconstruct_lr", "reconstruct_drop",
             "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",

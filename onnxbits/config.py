@@ -55,6 +55,7 @@ class ShrinkConfig:
     rounding_lr: float = 1e-2
     reconstruct: int = 0
     reconstruct_lr: float = 1e-4
+    reconstruct_drop: float = 0.0
     min_bits: int = 2
     max_bits: int = 8
     granularity: str = "layer"
@@ -117,6 +118,8 @@ class ShrinkConfig:
             (self.reconstruct >= 0, f"--reconstruct must be >= 0, got {self.reconstruct}"),
             (self.reconstruct_lr >= 0,
              f"--reconstruct-lr must be >= 0, got {self.reconstruct_lr}"),
+            (0 <= self.reconstruct_drop < 1,
+             f"--reconstruct-drop must be in [0, 1), got {self.reconstruct_drop}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

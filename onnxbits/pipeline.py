@@ -162,6 +162,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        weight_rounding=cfg.weight_rounding,
                        rounding_lr=cfg.rounding_lr,
                        reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
+                       reconstruct_drop=cfg.reconstruct_drop,
                        augment="crop" if cfg.augment == "crop" else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []

@@ -14,7 +14,9 @@ images):
 network's own input to the block (the earlier blocks already reconstructed), the weights, biases
 and clip values of the block's quantizers being trained (the rounding logits instead of the
 weights while learned rounding is active, :mod:`onnxbits.quant.rounding`) with a cosine-decaying
-learning rate; then ``x_b = Q_b(x_{b-1})``. A block whose loss over the ``N`` images ends above
+learning rate; then ``x_b = Q_b(x_{b-1})``. With ``drop = p > 0`` (QDrop) the block's activation
+quantizers keep each element's float value with probability ``p`` during those steps; the losses
+and the block outputs are computed with every element quantized. A block whose loss over the ``N`` images ends above
 its starting loss gets its parameters back. Bits stay as frozen. No I/O, no printing.
 """
 
@@ -39,14 +41,16 @@ __all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruc
 @dataclass(frozen=True)
 class ReconstructConfig:
     """Steps per block, batch, learning rates (Adam: weights and biases, log clip values,
-    rounding logits), the least quantized layers per block, the most images (a seeded subset of
-    the fine-tune images beyond that) and the seed of the batches."""
+    rounding logits), the QDrop probability while a block trains, the least quantized layers per
+    block, the most images (a seeded subset of the fine-tune images beyond that) and the seed of
+    the batches."""
 
     steps: int = 200
     batch_size: int = 32
     lr: float = 1e-4
     alpha_lr: float = 1e-3
     rounding_lr: float = 1e-2
+    drop: float = 0.0
     min_layers: int = 3
     max_images: int = 1024
     seed: int = 0
@@ -191,23 +195,34 @@ def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
                       for s in range(0, len(inputs), batch)])
 
 
-def _train_block(block: Block, groups: list[dict[str, object]], inputs: Tensor,
-                 targets: Tensor, cfg: ReconstructConfig, generator: torch.Generator) -> None:
-    """``cfg.steps`` Adam steps on the block loss over random batches (module docstring)."""
+def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQuantizer],
+                 inputs: Tensor, targets: Tensor, cfg: ReconstructConfig,
+                 generator: torch.Generator) -> None:
+    """``cfg.steps`` Adam steps on the block loss over random batches (module docstring), with
+    QDrop probability ``cfg.drop`` on the block's activation quantizers ``acts``."""
     if not groups or cfg.steps == 0:
         return
     opt = torch.optim.Adam(groups)
     base = [float(g["lr"]) for g in opt.param_groups]
     batch = min(cfg.batch_size, len(inputs))
-    for step in range(cfg.steps):
-        for group, lr in zip(opt.param_groups, base, strict=True):
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        idx = torch.randperm(len(inputs), generator=generator)[:batch]
-        out = _first(block.quantized(inputs[idx]))
-        loss = ((out - targets[idx]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    _set_drop(acts, cfg.drop)
+    try:
+        for step in range(cfg.steps):
+            for group, lr in zip(opt.param_groups, base, strict=True):
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            idx = torch.randperm(len(inputs), generator=generator)[:batch]
+            out = _first(block.quantized(inputs[idx]))
+            loss = ((out - targets[idx]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        _set_drop(acts, 0.0)
+
+
+def _set_drop(quantizers: Iterable[BitQuantizer], p: float) -> None:
+    for q in quantizers:
+        q.drop = p
 
 
 def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tensor,
@@ -216,7 +231,20 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
     """Reconstruct every block in order (module docstring) on ``images`` (``N`` inputs, on the
     network's device); returns one :class:`BlockResult` per block."""
     blocks = split_blocks(net, float_graph, cfg.min_layers)
+    drops = {q: q.drop for q in net.acts.values()}
+    _set_drop(drops, 0.0)
+    try:
+        return _reconstruct_blocks(net, blocks, images, cfg, on_block)
+    finally:
+        for q, p in drops.items():
+            q.drop = p
+
+
+def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tensor,
+                        cfg: ReconstructConfig,
+                        on_block: Callable[[BlockResult], None] | None) -> list[BlockResult]:
     generator = torch.Generator().manual_seed(cfg.seed)
+    act_quantizers = set(net.acts.values())
     quant_in, float_in = images, images
     results = []
     for b, block in enumerate(blocks):
@@ -229,7 +257,8 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
         groups = _block_parameters(block, net, cfg)
         params = [p for g in groups for p in g["params"]]
         saved = [p.detach().clone() for p in params]
-        _train_block(block, groups, quant_in, targets, cfg, generator)
+        acts = [m for m in block.quantized.modules() if m in act_quantizers]
+        _train_block(block, groups, acts, quant_in, targets, cfg, generator)
         quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
         after = float(((quant_out - targets) ** 2).mean())
         if not after <= before:            # never leave a block worse than it came

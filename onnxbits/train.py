@@ -14,7 +14,8 @@ values fixed; the weights then become those roundings and the last 20 % fine-tun
 it (the weights' clip values still fixed). With ``reconstruct_steps = K > 0`` phase 2 starts
 with block-wise reconstruction on the fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
 per block, after the learned rounding has started if it is on; without a phase 2 it follows the
-final freeze, and with ``weight_rounding="learned"`` it then learns the roundings). With ``act_drop = p > 0`` (QDrop)
+final freeze, and with ``weight_rounding="learned"`` it then learns the roundings; QDrop inside it
+is ``reconstruct_drop``, not ``act_drop``). With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
@@ -202,7 +203,8 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
         raise ValueError("block reconstruction needs the float graph as an fx.GraphModule")
     cfg = run.cfg
     rcfg = ReconstructConfig(steps=cfg.reconstruct_steps, batch_size=cfg.batch_size,
-                             lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr, seed=cfg.seed)
+                             lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr,
+                             drop=cfg.reconstruct_drop, seed=cfg.seed)
     images = gather_images(fetch, n_train, rcfg, run.device)
     reconstruct(run.net, float_graph, images, rcfg, on_block if run.dist.is_main else None)
     if run.dist.active:

@@ -37,6 +37,7 @@ class TrainConfig:
     bit_anneal: float = 0.0              # fraction of the learning phase that sharpens bits
     reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
     reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
+    reconstruct_drop: float = 0.0        # QDrop probability while a block is reconstructed
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 

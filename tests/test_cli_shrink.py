@@ -166,11 +166,13 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--bit-anneal", "1.5"), r"--bit-anneal must be in \[0, 1\]"),
     (("--reconstruct", "-1"), r"--reconstruct must be >= 0"),
     (("--reconstruct-lr", "-1"), r"--reconstruct-lr must be >= 0"),
+    (("--reconstruct-drop", "1"), r"--reconstruct-drop must be in \[0, 1\)"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding",
         "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1",
         "unknown-weight-rounding", "negative-rounding-lr", "negative-feature-kd",
-        "bit-anneal-1.5", "negative-reconstruct", "negative-reconstruct-lr"])
+        "bit-anneal-1.5", "negative-reconstruct", "negative-reconstruct-lr",
+        "reconstruct-drop-1"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -339,7 +341,8 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
                     "--target-bits", "5", "--bias-lr", "0.01", "--augment", "flip",
                     "--bias-correction", "--temperature", "2", "--act-drop", "0.25",
                     "--weight-rounding", "learned", "--feature-kd", "0.5", "--bit-anneal", "0.3",
-                    "--reconstruct", "3", "--reconstruct-lr", "1e-3")
+                    "--reconstruct", "3", "--reconstruct-lr", "1e-3",
+                    "--reconstruct-drop", "0.5")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
@@ -348,7 +351,8 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     assert (config["act_drop"], config["weight_rounding"], config["feature_kd"]) == (
         0.25, "learned", 0.5)
     assert config["bit_anneal"] == 0.3
-    assert (config["reconstruct"], config["reconstruct_lr"]) == (3, 1e-3)
+    assert (config["reconstruct"], config["reconstruct_lr"], config["reconstruct_drop"]) == (
+        3, 1e-3, 0.5)
     blocks = report["reconstruction"]
     assert blocks and all(b["loss_after"] <= b["loss_before"] for b in blocks)
     assert [n for b in blocks for n in b["layers"]] == [

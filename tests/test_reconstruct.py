@@ -86,6 +86,33 @@ def test_a_block_that_gets_worse_gets_its_parameters_back() -> None:
         assert torch.equal(layer.wq.log_alpha, before[node][1])
 
 
+def test_qdrop_acts_only_while_a_block_trains_and_only_on_activations() -> None:
+    s = _frozen(residual_block)
+    assert s.graph is not None
+    acts = set(s.net.acts.values())
+    for q in acts:
+        q.drop = 0.25                    # as inside the fine-tune's --act-drop context
+    seen: dict[str, set[float]] = {"act": set(), "weight": set()}
+    hooks = [q.register_forward_pre_hook(
+        lambda m, _: seen["act" if m in acts else "weight"].add(m.drop))
+        for q in s.net.quantizers()]
+    cfg = ReconstructConfig(steps=3, batch_size=16, drop=0.5, min_layers=1)
+    results = reconstruct(s.net, s.graph, s.x, cfg)
+    for h in hooks:
+        h.remove()
+    assert seen == {"act": {0.0, 0.5}, "weight": {0.0}}
+    assert all(q.drop == 0.25 for q in acts)           # the caller's setting comes back
+    for q in acts:
+        q.drop = 0.0
+    blocks = split_blocks(s.net, s.graph, 1)
+    quant, flt = s.x, s.x
+    with torch.no_grad():              # the reported losses are those of the quantized blocks
+        for block, result in zip(blocks, results, strict=True):
+            quant, flt = _first(block.quantized(quant)), _first(block.float(flt))
+            assert result.loss_after == pytest.approx(float(((quant - flt) ** 2).mean()),
+                                                      rel=1e-5)
+
+
 def test_fine_tune_reconstructs_at_the_freeze_and_needs_the_float_graph() -> None:
     s = calibrated_network(residual_block(classes=4))
     assert s.graph is not None
