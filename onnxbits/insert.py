@@ -34,6 +34,11 @@ from onnxbits.quant.quantizer import BitQuantizer
 from onnxbits.quant.rounding import LearnedRounding
 
 
+def first_output(out: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    """The first output of a graph's forward pass (the only one when it returns a tensor)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
 class QuantWeightLayer(nn.Module):
     """Conv / Linear / MatMul whose weight is fake-quantized: ``op(x, Q(W, n_w), b)``."""
 
@@ -81,8 +86,7 @@ class QuantizedNetwork:
     def __call__(self, x: Tensor) -> Tensor:
         """The first graph output: the logits the fine-tune, the evaluation and the guard read
         (as ONNX Runtime's first output in :func:`onnxbits.evaluate.predict_logits`)."""
-        out = self.graph(x)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return first_output(self.graph(x))
 
     def quantizers(self) -> list[BitQuantizer]:
         """All quantizers: weights in site order, then activations."""

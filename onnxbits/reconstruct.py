@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from onnxbits.insert import QuantizedNetwork, QuantWeightLayer
+from onnxbits.insert import QuantizedNetwork, QuantWeightLayer, first_output
 from onnxbits.quant.quantizer import BitQuantizer
 
 __all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruct",
@@ -164,10 +164,6 @@ def split_blocks(net: QuantizedNetwork, float_graph: fx.GraphModule,
     return blocks
 
 
-def _first(out: Tensor | tuple | list) -> Tensor:
-    return out[0] if isinstance(out, (list, tuple)) else out
-
-
 def _block_parameters(block: Block, net: QuantizedNetwork, cfg: ReconstructConfig
                       ) -> list[dict[str, object]]:
     """Adam groups: the block's weights (or rounding logits) and biases, and clip values."""
@@ -191,7 +187,7 @@ def _block_parameters(block: Block, net: QuantizedNetwork, cfg: ReconstructConfi
 @torch.no_grad()
 def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
     """``module`` over ``inputs`` in chunks of ``batch`` rows, first output, concatenated."""
-    return torch.cat([_first(module(inputs[s:s + batch])).detach()
+    return torch.cat([first_output(module(inputs[s:s + batch])).detach()
                       for s in range(0, len(inputs), batch)])
 
 
@@ -211,7 +207,7 @@ def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQu
             for group, lr in zip(opt.param_groups, base, strict=True):
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             idx = torch.randperm(len(inputs), generator=generator)[:batch]
-            out = _first(block.quantized(inputs[idx]))
+            out = first_output(block.quantized(inputs[idx]))
             loss = ((out - targets[idx]) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -58,7 +58,7 @@ from onnxbits.device import autocast
 from onnxbits.distributed import DistContext, any_rank, average_gradients, broadcast_, shard
 from onnxbits.errors import ConfigError
 from onnxbits.features import FeatureTaps
-from onnxbits.insert import QuantizedNetwork, layer_bits
+from onnxbits.insert import QuantizedNetwork, first_output, layer_bits
 from onnxbits.losses import task_loss
 from onnxbits.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 from onnxbits.sampler import BatchSampler, batch_indices
@@ -310,10 +310,10 @@ class _Run:
 def _float_pass(run: _Run, x: Tensor) -> Tensor | None:
     """The float graph's output on ``x`` where the step needs it (feature taps, online teacher)."""
     if run.taps is not None:
-        return run.taps.run_teacher(x)
+        return first_output(run.taps.run_teacher(x))
     if run.teacher_graph is not None:
         with torch.no_grad():
-            return run.teacher_graph(x)
+            return first_output(run.teacher_graph(x))
     return None
 
 

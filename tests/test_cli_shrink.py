@@ -374,15 +374,19 @@ def test_auto_loss_uses_labels_when_there_are_some(workspace: Path, tmp_path: Pa
     assert json.loads(unlabelled.stdout)["config"]["task_loss"] == "kd"
 
 
-def test_a_model_with_two_outputs_tunes_on_the_first_and_keeps_both(workspace: Path,
-                                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", [(), ("--augment", "crop", "--feature-kd", "0.5"),
+                                    ("--frozen-steps", "0", "--reconstruct", "2")],
+                         ids=["default", "float-graph-teacher", "reconstruct"])
+def test_a_model_with_two_outputs_tunes_on_the_first_and_keeps_both(
+        workspace: Path, tmp_path: Path, recipe: tuple[str, ...]) -> None:
     model = conv_relu_gemm(classes=3)
     model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
     model.graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT,
                                                                  ["N", 3]))
     onnx.save(model, tmp_path / "two.onnx")
     out = tmp_path / "two.bits.onnx"
-    result = shrink(tmp_path / "two.onnx", "--data", workspace / "data", *FAST, "--json", "-o", out)
+    result = shrink(tmp_path / "two.onnx", "--data", workspace / "data", *FAST, *recipe, "--json",
+                    "-o", out)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["verification"]["max_steps"] <= 1
