@@ -16,8 +16,9 @@ and clip values of the block's quantizers being trained (the rounding logits ins
 weights while learned rounding is active, :mod:`onnxbits.quant.rounding`) with a cosine-decaying
 learning rate; then ``x_b = Q_b(x_{b-1})``. With ``drop = p > 0`` (QDrop) the block's activation
 quantizers keep each element's float value with probability ``p`` during those steps; the losses
-and the block outputs are computed with every element quantized. A block whose loss over the ``N`` images ends above
-its starting loss gets its parameters back. Bits stay as frozen. No I/O, no printing.
+and the block outputs are computed with every element quantized. A block whose loss over the
+``N`` images ends above its starting loss gets its parameters back. Bits stay as frozen. No I/O,
+no printing.
 """
 
 from __future__ import annotations
