@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from onnxbits.insert import QuantizedNetwork, QuantWeightLayer, first_output
-from onnxbits.quant.quantizer import BitQuantizer
+from onnxbits.quant.quantizer import BitQuantizer, qdrop
 
 __all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruct",
            "split_blocks"]
@@ -202,8 +202,7 @@ def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQu
     opt = torch.optim.Adam(groups)
     base = [float(g["lr"]) for g in opt.param_groups]
     batch = min(cfg.batch_size, len(inputs))
-    _set_drop(acts, cfg.drop)
-    try:
+    with qdrop(acts, cfg.drop):
         for step in range(cfg.steps):
             for group, lr in zip(opt.param_groups, base, strict=True):
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
@@ -213,13 +212,6 @@ def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQu
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    finally:
-        _set_drop(acts, 0.0)
-
-
-def _set_drop(quantizers: Iterable[BitQuantizer], p: float) -> None:
-    for q in quantizers:
-        q.drop = p
 
 
 def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tensor,
@@ -228,13 +220,8 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
     """Reconstruct every block in order (module docstring) on ``images`` (``N`` inputs, on the
     network's device); returns one :class:`BlockResult` per block."""
     blocks = split_blocks(net, float_graph, cfg.min_layers)
-    drops = {q: q.drop for q in net.acts.values()}
-    _set_drop(drops, 0.0)
-    try:
+    with qdrop(net.acts.values(), 0.0):
         return _reconstruct_blocks(net, blocks, images, cfg, on_block)
-    finally:
-        for q, p in drops.items():
-            q.drop = p
 
 
 def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tensor,

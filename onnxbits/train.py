@@ -42,8 +42,8 @@ the uninterrupted run would have. Apart from those checkpoints, no I/O and no pr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ from onnxbits.errors import ConfigError
 from onnxbits.features import FeatureTaps
 from onnxbits.insert import QuantizedNetwork, first_output, layer_bits
 from onnxbits.losses import task_loss
+from onnxbits.quant.quantizer import qdrop
 from onnxbits.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 from onnxbits.sampler import BatchSampler, batch_indices
 from onnxbits.train_config import MAX_SHARPNESS, TrainConfig
@@ -150,7 +151,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
         if cfg.feature_kd > 0:
             run.taps = FeatureTaps(net, float_graph)
     with (deferred_interrupt(enabled=checkpoint is not None) as guard,
-          _act_drop(net, cfg.act_drop), closing(run.taps) if run.taps else nullcontext()):
+          qdrop(net.acts.values(), cfg.act_drop), closing(run.taps) if run.taps else nullcontext()):
         for step in range(run.step, cfg.steps):
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
@@ -210,18 +211,6 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
     if run.dist.active:
         broadcast_([*run.net.graph.parameters(), *run.net.graph.buffers()])
     run.new_optimizer(bits=False)
-
-
-@contextmanager
-def _act_drop(net: QuantizedNetwork, p: float) -> Iterator[None]:
-    """Set QDrop probability ``p`` on the activation quantizers, reset to 0 on exit."""
-    for q in net.acts.values():
-        q.drop = p
-    try:
-        yield
-    finally:
-        for q in net.acts.values():
-            q.drop = 0.0
 
 
 def _synced_freeze(freeze: Callable[[QuantizedNetwork], object],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +15,7 @@ from onnxbits.quant.ste import round_ste_quant
 
 ROUNDINGS = ("interp", "ste")
 
-__all__ = ["ROUNDINGS", "BitQuantizer", "freeze_rule", "lsq_init_alpha", "sharpened_bits"]
+__all__ = ["ROUNDINGS", "BitQuantizer", "freeze_rule", "lsq_init_alpha", "qdrop", "sharpened_bits"]
 
 
 def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
@@ -163,3 +165,17 @@ def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:
     """LSQ's initial step ``2 mean|x| / sqrt(qmax)`` expressed as a clip value ``step * qmax``."""
     qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     return 2 * x.abs().mean() * math.sqrt(qmax)
+
+
+@contextmanager
+def qdrop(quantizers: Iterable[BitQuantizer], p: float) -> Iterator[None]:
+    """Set the QDrop probability ``drop = p`` on ``quantizers``; their own values come back on
+    exit."""
+    saved = {q: q.drop for q in quantizers}
+    for q in saved:
+        q.drop = p
+    try:
+        yield
+    finally:
+        for q, value in saved.items():
+            q.drop = value
