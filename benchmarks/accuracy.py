@@ -56,7 +56,8 @@ MODELS = {
 
 def _images(rel: str, include: str | None, classes: str | None, preset: str):
     pre = resolve_preprocess(preset)
-    image_set = load_image_set(SHARED / "data" / rel, SHARED / "data" / classes if classes else None)
+    image_set = load_image_set(SHARED / "data" / rel,
+                               SHARED / "data" / classes if classes else None)
     image_set = select_files(image_set, include, "--include")
     return decode_images(image_set, pre, workers=2)[0]
 

@@ -1,7 +1,8 @@
 """Budget mode: adapt lambda so the run lands on a bit budget, and freeze onto the budget.
 
 During the learning phase the budget follows a ramp from the starting cost ``c_0`` to the target
-``B`` over the first ``ramp`` share of the learning steps, ``b_t = c_0 + (B - c_0) min(1, t / T_r)``.
+``B`` over the first ``ramp`` share of the learning steps,
+``b_t = c_0 + (B - c_0) min(1, t / T_r)``.
 After every optimizer step, with the cost ``c_t`` the step left, lambda is updated
 multiplicatively::
 

@@ -95,10 +95,12 @@ class ShrinkConfig:
         checks = [
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.frozen_steps is None or 0 <= self.frozen_steps <= self.steps,
-             f"--frozen-steps must be between 0 and --steps ({self.steps}), got {self.frozen_steps}"),
+             f"--frozen-steps must be between 0 and --steps ({self.steps}), "
+             f"got {self.frozen_steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
-            (self.bits_lr is None or self.bits_lr >= 0, f"--bits-lr must be >= 0, got {self.bits_lr}"),
+            (self.bits_lr is None or self.bits_lr >= 0,
+             f"--bits-lr must be >= 0, got {self.bits_lr}"),
             (self.alpha_lr >= 0, f"--alpha-lr must be >= 0, got {self.alpha_lr}"),
             (self.bias_lr is None or self.bias_lr >= 0,
              f"--bias-lr must be >= 0, got {self.bias_lr}"),
@@ -130,12 +132,14 @@ class ShrinkConfig:
              f"--min-bits ({self.min_bits}) cannot be larger than --max-bits ({self.max_bits})"),
             (self.granularity in GRANULARITIES,
              f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"),
-            (self.target in TARGETS, f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}"),
+            (self.target in TARGETS,
+             f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}"),
             (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
              f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}"),
             (self.amp in AMP_CHOICES,
              f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}"),
-            (0 < self.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
+            (0 < self.eval_fraction < 1,
+             f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
             (self.checkpoint_every >= 0,
              f"--checkpoint-every must be >= 0 steps (0: only on Ctrl-C), "
              f"got {self.checkpoint_every}"),
@@ -144,7 +148,8 @@ class ShrinkConfig:
                                   ("--target-size", self.target_size_mb),
                                   ("--target-bops", self.target_bops_g)) if v is not None]
         checks += [
-            (len(budgets) <= 1, f"{' and '.join(budgets)} cannot be used together; give one budget"),
+            (len(budgets) <= 1,
+             f"{' and '.join(budgets)} cannot be used together; give one budget"),
             (self.target_bits is None or self.min_bits <= self.target_bits <= self.max_bits,
              f"--target-bits must lie between --min-bits ({self.min_bits}) and --max-bits "
              f"({self.max_bits}), got {self.target_bits}"),

@@ -35,7 +35,8 @@ class LayerBits:
 
 def average_bits(layers: list[LayerBits]) -> Tensor:
     """The paper's average per-layer bitlength over weights and activations."""
-    values = [l.weight_bits for l in layers] + [l.act_bits for l in layers if l.act_bits is not None]
+    values = ([l.weight_bits for l in layers]
+              + [l.act_bits for l in layers if l.act_bits is not None])
     return torch.stack(torch.broadcast_tensors(*values)).mean(0)
 
 

@@ -275,7 +275,8 @@ def integer_pads(model: onnx.ModelProto) -> dict[str, str]:
         if pads is None or q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3:
             continue
         src = index.producer.get(pad.input[0])
-        if src is not None and (src.op_type != "DequantizeLinear" or src.input[1:3] != q.input[1:3]):
+        if src is not None and (src.op_type != "DequantizeLinear"
+                                or src.input[1:3] != q.input[1:3]):
             src = None  # src: a DQ on the same grid as q
         dq = _single_consumer(index, q.output[0], outputs)
         conv = _single_consumer(index, dq.output[0], outputs) \
@@ -291,7 +292,8 @@ def integer_pads(model: onnx.ModelProto) -> dict[str, str]:
             del conv.attribute[:]
             conv.attribute.extend(kept)
             conv.attribute.append(onnx.helper.make_attribute(
-                "pads", [a + b for a, b in zip(old, spatial, strict=True)]))  # type: ignore[call-overload]
+                "pads",
+                [a + b for a, b in zip(old, spatial, strict=True)]))  # type: ignore[call-overload]
             if src is not None:
                 conv.input[0] = src.output[0]
                 _remove(graph, [pad, q, dq])

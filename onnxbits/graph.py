@@ -200,7 +200,8 @@ def quantizable_nodes(model: onnx.ModelProto, index: GraphIndex | None = None) -
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is None and node.op_type == "MatMul":
             bias = _matmul_bias(index, node.output[0], shape[-1])
-        group = int(attr(node, "group", 1)) if node.op_type.startswith("Conv") else 1  # type: ignore[call-overload]
+        group = (int(attr(node, "group", 1))  # type: ignore[call-overload]
+                 if node.op_type.startswith("Conv") else 1)
         sites.append(LayerSite(name, node.op_type, node.input[1], node.input[0], node.output[0],
                                shape, group, stored, bias))
     return sites

@@ -103,7 +103,8 @@ def _macs(index: GraphIndex, site: LayerSite, shapes: dict[str, Shape]) -> int |
             rank = len(site.weight_shape) - 2
             kernel = list(site.weight_shape[2:])
             out = [1, 1, *conv_output_spatial(
-                inp[2:], kernel, list(attr(node, "strides", [1] * rank)),  # type: ignore[call-overload]
+                inp[2:], kernel,
+                list(attr(node, "strides", [1] * rank)),  # type: ignore[call-overload]
                 list(attr(node, "pads", [0] * 2 * rank)),  # type: ignore[call-overload]
                 list(attr(node, "dilations", [1] * rank)),  # type: ignore[call-overload]
                 _text(attr(node, "auto_pad", "NOTSET")))]

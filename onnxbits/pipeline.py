@@ -80,7 +80,8 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".bits.onnx")
 
 
-def shrink(model_path: str | Path, cfg: ShrinkConfig, on_event: Event | None = None) -> ShrinkResult:
+def shrink(model_path: str | Path, cfg: ShrinkConfig,
+           on_event: Event | None = None) -> ShrinkResult:
     """Learn bitlengths for ``model_path`` and write the quantized model and its report.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this: they fine-tune together
@@ -279,7 +280,8 @@ def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float 
     if not low <= value <= high:
         option = "--target-size" if objective == "memory" else "--target-bops"
         raise ConfigError(f"{option} is outside what --min-bits/--max-bits allow for this model "
-                          f"(cost {value:.2f}, possible {low:.2f} to {high:.2f}); change the budget")
+                          f"(cost {value:.2f}, possible {low:.2f} to {high:.2f}); "
+                          "change the budget")
     return objective, value
 
 

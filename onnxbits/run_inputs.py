@@ -108,8 +108,8 @@ def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
     else:
         train_idx, eval_idx = holdout_split(len(train_set), cfg.eval_fraction, cfg.seed)
         eval_set, train_set = train_set.subset(eval_idx), train_set.subset(train_idx)
-        split = {"train": str(train_dir), "eval": f"held-out {cfg.eval_fraction:.0%} of {train_dir} "
-                 f"(seed {cfg.seed})"}
+        split = {"train": str(train_dir),
+                 "eval": f"held-out {cfg.eval_fraction:.0%} of {train_dir} (seed {cfg.seed})"}
     if cfg.max_train_images is not None and len(train_set) > cfg.max_train_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))
                        [:cfg.max_train_images])

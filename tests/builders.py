@@ -67,7 +67,8 @@ class _Builder:
         b = self.init(f"{name}.bias", self.rng.normal(0, 0.1, fout).astype(np.float32))
         return self.node("Gemm", [x, w, b], name=name, transB=1)
 
-    def model(self, inp_shape: list[int | str], out: str, out_shape: list[int | str]) -> onnx.ModelProto:
+    def model(self, inp_shape: list[int | str], out: str,
+              out_shape: list[int | str]) -> onnx.ModelProto:
         self.nodes[-1].output[0] = "logits"
         graph = helper.make_graph(
             self.nodes, "tiny",

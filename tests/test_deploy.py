@@ -209,14 +209,17 @@ def test_ort_structure(name: str) -> None:
     requant, pads = info["requantized"], info["pads"]
     biases = [s for s in t.net.sites if info["layers"][s.node]["bias"] == "int32"]
     assert len(biases) == len(t.prepared["int32_bias"]) == len(t.net.sites)
-    pad_inputs = {n.input[0] for n in t.model.graph.node if n.op_type == "Pad" and n.output[0] in pads}
+    pad_inputs = {n.input[0] for n in t.model.graph.node
+                  if n.op_type == "Pad" and n.output[0] in pads}
     q_inputs = Counter(n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear")
     assert max(q_inputs.values()) == 1, show(model)
     expected = (set(t.net.acts) | set(requant)) - set(pads)
     assert expected <= set(q_inputs) and set(q_inputs) - expected <= pad_inputs, show(model)
-    weight_dqs = sum(n.op_type == "DequantizeLinear" and n.input[0] in init for n in model.graph.node)
+    weight_dqs = sum(n.op_type == "DequantizeLinear" and n.input[0] in init
+                     for n in model.graph.node)
     assert weight_dqs == len(t.net.sites) + len(biases)
-    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in init):
+    for dq in (n for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] not in init):
         assert producer(model, dq.input[0]).op_type in ("QuantizeLinear", "Pad"), show(model)
     assert counts["Pad"] == sum(v == "integer" for v in pads.values())
     assert counts["Clip"] == sum(n.op_type == "Clip" for n in t.model.graph.node)  # ReLU6 only

@@ -140,7 +140,8 @@ def test_bits_inferred_without_metadata(clip: bool, act_bits: int, exec_bits: in
 
 @pytest.mark.parametrize("clip, exec_bits", [(False, 8), (True, 3)], ids=["qdq", "qcdq"])
 def test_activation_tensors_learned_stored_executed(clip: bool, exec_bits: int) -> None:
-    """Without a ``tensors`` entry in the metadata, every Q -> [Clip] -> DQ is read from the graph."""
+    """Without a ``tensors`` entry in the metadata, every Q -> [Clip] -> DQ is read from the
+    graph."""
     model = quantize_layer(builders.conv_relu_gemm(), bits=3, act_bits=3, clip=clip,
                            metadata=False)
     report = analyze_model(model)
@@ -148,7 +149,8 @@ def test_activation_tensors_learned_stored_executed(clip: bool, exec_bits: int) 
     conv, rest = report.layers[0], report.layers[1:]
     assert (conv.act_bits, conv.act_container_bits, conv.act_exec_bits) == (exec_bits, 8, exec_bits)
     assert all(r.act_container_bits == 32 for r in rest)  # float inputs
-    line = f"activations (input): 1 learned at {exec_bits} bits, stored in 8, executed at {exec_bits}"
+    line = (f"activations (input): 1 learned at {exec_bits} bits, stored in 8, "
+            f"executed at {exec_bits}")
     assert line in report.summary_lines()
     assert "| A stored |" in report.to_markdown().splitlines()[0]
 
@@ -305,7 +307,8 @@ def test_plot_draws_per_channel_weight_bits_at_their_mean_with_a_tick_at_the_max
         mixed_report: ModelReport) -> None:
     first = next(i for i, r in enumerate(mixed_report.layers) if r.weight_quantized)
     layer = mixed_report.layers[first]
-    mixed_report.layers[first] = dataclasses.replace(layer, weight_bits_mean=layer.weight_bits - 1.5)
+    mixed_report.layers[first] = dataclasses.replace(
+        layer, weight_bits_mean=layer.weight_bits - 1.5)
     bits_axes = figure(mixed_report).axes[0]
     weight_bars = bits_axes.containers[0]
     assert weight_bars[first].get_height() == pytest.approx(layer.weight_bits - 1.5)
