@@ -140,8 +140,7 @@ def test_bits_inferred_without_metadata(clip: bool, act_bits: int, exec_bits: in
 
 @pytest.mark.parametrize("clip, exec_bits", [(False, 8), (True, 3)], ids=["qdq", "qcdq"])
 def test_activation_tensors_learned_stored_executed(clip: bool, exec_bits: int) -> None:
-    """Without a ``tensors`` entry in the metadata, every Q -> [Clip] -> DQ is read from the
-    graph."""
+    """Without a ``tensors`` entry in the metadata, each Q -> [Clip] -> DQ comes from the graph."""
     model = quantize_layer(builders.conv_relu_gemm(), bits=3, act_bits=3, clip=clip,
                            metadata=False)
     report = analyze_model(model)

@@ -117,8 +117,9 @@ class BitQuantizer(nn.Module):
 
     @torch.no_grad()
     def clamp_bits(self) -> None:
-        """Keep the learnable bitlength inside ``[min_bits, max_bits]`` (after an optimizer
-        step)."""
+        """Keep the learnable bitlength inside ``[min_bits, max_bits]``.
+
+        Called after every optimizer step."""
         self.bits.clamp_(self.min_bits, self.max_bits)
 
     @torch.no_grad()
