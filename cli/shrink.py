@@ -158,6 +158,9 @@ class _ProgressView:
               help="QDrop during --reconstruct: while a block trains, each of its activations "
                    "keeps its float value with probability P (0: off).")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
+@click.option("--min-act-bits", type=int, default=None,
+              help="Smallest activation bitlength (default: --min-bits); weights keep "
+                   "--min-bits.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="layer",
@@ -210,7 +213,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
             "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
             "reconstruct", "reconstruct_lr", "reconstruct_drop",
-            "min_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
+            "min_bits", "min_act_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",
             "resume", "skip_unsupported")

@@ -57,6 +57,7 @@ class ShrinkConfig:
     reconstruct_lr: float = 1e-4
     reconstruct_drop: float = 0.0
     min_bits: int = 2
+    min_act_bits: int | None = None
     max_bits: int = 8
     granularity: str = "layer"
     target: str = "ort"
@@ -86,6 +87,11 @@ class ShrinkConfig:
         if self.target_bops_g is not None:
             return "bops"
         return None
+
+    @property
+    def act_floor(self) -> int:
+        """Smallest activation bitlength: ``--min-act-bits``, else ``--min-bits``."""
+        return self.min_bits if self.min_act_bits is None else self.min_act_bits
 
     def amp_dtype(self) -> str | None:
         """``bf16`` / ``fp16`` for :func:`onnxbits.device.autocast`, None for ``off``."""
@@ -130,6 +136,9 @@ class ShrinkConfig:
              f"--max-bits must be between 2 and 8 (int8 containers), got {self.max_bits}"),
             (self.min_bits <= self.max_bits,
              f"--min-bits ({self.min_bits}) cannot be larger than --max-bits ({self.max_bits})"),
+            (self.min_act_bits is None or 2 <= self.min_act_bits <= self.max_bits,
+             f"--min-act-bits must be between 2 and --max-bits ({self.max_bits}), "
+             f"got {self.min_act_bits}"),
             (self.granularity in GRANULARITIES,
              f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"),
             (self.target in TARGETS,

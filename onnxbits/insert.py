@@ -197,8 +197,12 @@ def _fuse_producer(gm: fx.GraphModule, node: fx.Node, quantizer: BitQuantizer) -
 def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites: list[Site], *,
                       min_bits: int = 2, max_bits: int = 8, per_channel_bits: bool = False,
                       quantize_acts: bool = True, fuse_activations: bool = True,
-                      rounding: str = "interp") -> QuantizedNetwork:
+                      rounding: str = "interp",
+                      min_act_bits: int | None = None) -> QuantizedNetwork:
     """Deep-copy ``float_graph`` and attach weight and activation quantizers at ``sites``.
+
+    Weight bitlengths live in ``[min_bits, max_bits]``, activation bitlengths in
+    ``[min_act_bits, max_bits]`` (``min_act_bits`` defaults to ``min_bits``).
 
     ``rounding`` is how every quantizer treats its fractional bitlength while it is learned
     (:class:`onnxbits.quant.quantizer.BitQuantizer`).
@@ -206,6 +210,7 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
     ``fuse_activations`` lets activation quantizers absorb the Relu/Relu6 that produces their
     tensor (module docstring); the outputs and gradients are the same either way.
     """
+    act_floor = min_bits if min_act_bits is None else min_act_bits
     gm = copy.deepcopy(float_graph)
     init_names = {t.name for t in model.graph.initializer}
     graph_inputs = [i.name for i in model.graph.input if i.name not in init_names]
@@ -243,7 +248,7 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
             if producer is None:
                 continue
             quantizer = BitQuantizer(signed=not is_unsigned_tensor(model, site.input),
-                                     min_bits=min_bits, max_bits=max_bits,
+                                     min_bits=act_floor, max_bits=max_bits,
                                      rounding=rounding)
             name = f"onnxbits_act_{len(acts)}"
             gm.add_submodule(name, quantizer)

@@ -144,6 +144,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
     check_labels(train, teacher_train.shape[1])
     net = attach_quantizers(model, float_graph, sites, min_bits=cfg.min_bits,
+                            min_act_bits=cfg.act_floor,
                             max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel",
                             rounding=cfg.bit_rounding)
     calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
@@ -231,6 +232,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
               "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
               "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
+              "min_act_bits": cfg.act_floor,
               "max_bits": cfg.max_bits, "granularity": cfg.granularity}
     emitted = emit(model, net, cfg.target, source=source)
     verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
@@ -270,21 +272,23 @@ def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float 
         return cfg.objective, None
     layers = layer_bits(net)
     if objective == "bits":
-        return objective, float(cfg.target_bits)
-    if objective == "memory":
+        value = float(cfg.target_bits)
+    elif objective == "memory":
         value = cfg.target_size_mb * 8e6 / sum(l.params for l in layers)
     else:
         value = cfg.target_bops_g * 1e9 / (8.0 * sum(l.macs for l in layers))
-    low = float(bit_cost(objective, _uniform(layers, cfg.min_bits)))
-    high = float(bit_cost(objective, _uniform(layers, cfg.max_bits)))
-    if not low <= value <= high:
-        option = "--target-size" if objective == "memory" else "--target-bops"
-        raise ConfigError(f"{option} is outside what --min-bits/--max-bits allow for this model "
-                          f"(cost {value:.2f}, possible {low:.2f} to {high:.2f}); "
-                          "change the budget")
+    low = float(bit_cost(objective, _uniform(layers, cfg.min_bits, cfg.act_floor)))
+    high = float(bit_cost(objective, _uniform(layers, cfg.max_bits, cfg.max_bits)))
+    if not low - 1e-6 <= value <= high + 1e-6:
+        option = {"bits": "--target-bits", "memory": "--target-size",
+                  "bops": "--target-bops"}[objective]
+        raise ConfigError(f"{option} is outside what --min-bits/--min-act-bits/--max-bits allow "
+                          f"for this model (cost {value:.2f}, possible {low:.2f} to "
+                          f"{high:.2f}); change the budget")
     return objective, value
 
 
-def _uniform(layers: list[LayerBits], bits: int) -> list[LayerBits]:
-    b = torch.tensor(float(bits))
-    return [LayerBits(b, b if l.act_bits is not None else None, l.params, l.macs) for l in layers]
+def _uniform(layers: list[LayerBits], weight_bits: int, act_bits: int) -> list[LayerBits]:
+    w, a = torch.tensor(float(weight_bits)), torch.tensor(float(act_bits))
+    return [LayerBits(w, a if l.act_bits is not None else None, l.params, l.macs)
+            for l in layers]

@@ -364,6 +364,21 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
         assert (end["weight_bits"], end["act_bits"]) == (8, 8)
 
 
+def test_activation_floor_keeps_activations_up_and_lets_weights_go_lower(
+        workspace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--min-act-bits", "5", "--target-bits", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["config"]["min_bits"], report["config"]["min_act_bits"]) == (2, 5)
+    acts = [l["act_bits"] for l in report["layers"] if l["act_bits"] is not None]
+    weights = [l["weight_bits"] for l in report["layers"] if l["weight_quantized"]]
+    assert acts and min(acts) >= 5
+    assert min(weights) < 4   # an average of 4 with activations at >= 5 needs low weights
+    assert abs(report["avg_bits"] - 4.0) <= 0.1
+
+
 def test_auto_loss_uses_labels_when_there_are_some(workspace: Path, tmp_path: Path) -> None:
     labelled = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
                       "-o", tmp_path / "a.onnx")
