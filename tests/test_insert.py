@@ -28,3 +28,12 @@ def test_a_layer_fed_directly_by_another_layer_gets_its_own_quantizer() -> None:
     assert "project_out" in net.acts           # project -> expand, no activation between
     assert net.acts["project_out"].signed
     assert net.layer_act["expand"] == "project_out"
+
+
+def test_activation_floor_applies_to_activation_quantizers_only() -> None:
+    model = normalize(ALL_BUILDERS["linear_bottleneck"]())
+    graph = convert(model)
+    net = attach_quantizers(model, graph, find_sites(model, graph), min_bits=2, max_bits=8,
+                            min_act_bits=4)
+    assert net.acts and {q.min_bits for q in net.acts.values()} == {4}
+    assert net.layers and {l.wq.min_bits for l in net.layers.values()} == {2}
