@@ -94,7 +94,7 @@ def ort_ptq(model: Path, calib, out: Path, weight_bits: int) -> Path:
 
 ABLATIONS: dict[str, dict] = {
     "default: learned scales, loss auto (kd+ce with labels), floor/ceil interpolation, "
-    "30% frozen": {},
+    "30% frozen, activations >= 3 bits": {},
     "min-max scales (clip values calibrated, not learned)": {"alpha_lr": 0.0},
     "labels only (ce)": {"loss": "ce"},
     "distillation only (kd)": {"loss": "kd"},
@@ -116,6 +116,8 @@ ABLATIONS: dict[str, dict] = {
     "QDrop on activations (p 0.5)": {"act_drop": 0.5},
     "weight learning rate 1e-5 (default 1e-4)": {"lr": 1e-5},
     "weight learning rate 1e-3": {"lr": 1e-3},
+    "3-bit floor on weights too (--min-bits 3)": {"min_bits": 3},
+    "activations down to 2 bits (--min-act-bits 2)": {"min_act_bits": 2},
 }
 
 

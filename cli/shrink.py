@@ -159,8 +159,8 @@ class _ProgressView:
                    "keeps its float value with probability P (0: off).")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--min-act-bits", type=int, default=None,
-              help="Smallest activation bitlength (default: --min-bits); weights keep "
-                   "--min-bits.")
+              help="Smallest activation bitlength [default: the larger of --min-bits and 3, at "
+                   "most --max-bits]; weights keep --min-bits.")
 @click.option("--max-bits", type=int, default=8, show_default=True,
               help="Largest (and starting) bitlength.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="layer",

@@ -16,6 +16,8 @@ GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
 WEIGHT_ROUNDINGS = ("nearest", "learned")
 AUGMENTS = ("none", "flip", "crop")
+# Activations below 3 bits cost more accuracy than the bits they free (README, recipe ablation).
+DEFAULT_ACT_FLOOR = 3
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,11 @@ class ShrinkConfig:
 
     @property
     def act_floor(self) -> int:
-        """Smallest activation bitlength: ``--min-act-bits``, else ``--min-bits``."""
-        return self.min_bits if self.min_act_bits is None else self.min_act_bits
+        """Smallest activation bitlength: ``--min-act-bits``, else
+        ``min(max(min_bits, DEFAULT_ACT_FLOOR), max_bits)``."""
+        if self.min_act_bits is not None:
+            return self.min_act_bits
+        return min(max(self.min_bits, DEFAULT_ACT_FLOOR), self.max_bits)
 
     def amp_dtype(self) -> str | None:
         """``bf16`` / ``fp16`` for :func:`onnxbits.device.autocast`, None for ``off``."""

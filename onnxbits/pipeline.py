@@ -282,9 +282,12 @@ def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float 
     if not low - 1e-6 <= value <= high + 1e-6:
         option = {"bits": "--target-bits", "memory": "--target-size",
                   "bops": "--target-bops"}[objective]
+        hint = (f"lower --min-act-bits (activations stay at >= {cfg.act_floor} bits) or change "
+                "the budget" if value < low and cfg.act_floor > cfg.min_bits else
+                "change the budget")
         raise ConfigError(f"{option} is outside what --min-bits/--min-act-bits/--max-bits allow "
                           f"for this model (cost {value:.2f}, possible {low:.2f} to "
-                          f"{high:.2f}); change the budget")
+                          f"{high:.2f}); {hint}")
     return objective, value
 
 

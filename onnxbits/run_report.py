@@ -80,6 +80,7 @@ def config_dict(cfg: ShrinkConfig) -> dict[str, Any]:
     out = {}
     for key, value in cfg.__dict__.items():
         out[key] = str(value) if isinstance(value, Path) else value
+    out["min_act_bits"] = cfg.act_floor
     out["preprocess"] = (cfg.preprocess.__dict__ if hasattr(cfg.preprocess, "__dict__")
                          else str(cfg.preprocess))
     return json.loads(json.dumps(out, default=str))

@@ -241,9 +241,11 @@ def test_output_folder_that_nobody_can_write(ws: Path, tmp_path: Path) -> None:
     (("--min-act-bits", "9"), r"--min-act-bits must be between 2 and --max-bits \(8\), got 9"),
     (("--min-act-bits", "6", "--target-bits", "2.5"),
      r"--target-bits is outside what --min-bits/--min-act-bits/--max-bits allow for this model"),
+    (("--target-bits", "2.2"), r"lower --min-act-bits \(activations stay at >= 3 bits\)"),
+    (("--min-act-bits", "2", "--target-bits", "1.5"), r"--target-bits must lie between"),
 ], ids=["batch-size-0", "negative-lr", "zero-std", "mean-2-values", "eval-fraction-1",
         "target-bits-9", "two-budgets", "mean-not-numbers", "min-act-bits-9",
-        "target-below-act-floor"])
+        "target-below-act-floor", "target-below-default-act-floor", "target-below-min-bits"])
 def test_impossible_options_exit_2(ws: Path, tmp_path: Path, args: tuple[str, ...],
                                    pattern: str) -> None:
     run_fails(ws, tmp_path, 2, pattern, ws / "model.onnx", "--data", ws / "data", *args)

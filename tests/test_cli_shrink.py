@@ -379,6 +379,19 @@ def test_activation_floor_keeps_activations_up_and_lets_weights_go_lower(
     assert abs(report["avg_bits"] - 4.0) <= 0.1
 
 
+def test_activations_stay_at_3_bits_or_more_by_default(workspace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--target-bits", "2.5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["min_act_bits"] == 3
+    acts = [l["act_bits"] for l in report["layers"] if l["act_bits"] is not None]
+    assert acts and min(acts) >= 3
+    assert min(l["weight_bits"] for l in report["layers"]) == 2
+    assert abs(report["avg_bits"] - 2.5) <= 0.1   # weights at 2 bits pay for activations at 3
+
+
 def test_auto_loss_uses_labels_when_there_are_some(workspace: Path, tmp_path: Path) -> None:
     labelled = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
                       "-o", tmp_path / "a.onnx")
