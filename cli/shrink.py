@@ -213,7 +213,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
             "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
             "reconstruct", "reconstruct_lr", "reconstruct_drop",
-            "min_bits", "min_act_bits", "max_bits", "granularity", "target", "device", "amp", "seed",
+            "min_bits", "min_act_bits", "max_bits", "granularity", "target", "device", "amp",
+            "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
             "target_bits", "target_size_mb", "target_bops_g", "max_drop", "checkpoint_every",
             "resume", "skip_unsupported")
