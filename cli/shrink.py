@@ -157,6 +157,10 @@ class _ProgressView:
 @click.option("--reconstruct-drop", type=float, default=0.0, show_default=True, metavar="P",
               help="QDrop during --reconstruct: while a block trains, each of its activations "
                    "keeps its float value with probability P (0: off).")
+@click.option("--rebalance", type=int, default=0, show_default=True, metavar="R",
+              help="After the freeze, R rounds of moving single bits from the layers that need "
+                   "them least to those that gain most, measured by the distillation loss on "
+                   "fine-tune images, at no more than the budget (or the frozen cost); 0: off.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--min-act-bits", type=int, default=None,
               help="Smallest activation bitlength [default: the larger of --min-bits and 3, at "
@@ -212,7 +216,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
             "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
             "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
-            "reconstruct", "reconstruct_lr", "reconstruct_drop",
+            "reconstruct", "reconstruct_lr", "reconstruct_drop", "rebalance",
             "min_bits", "min_act_bits", "max_bits", "granularity", "target", "device", "amp",
             "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
@@ -266,6 +270,12 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     v = result.report["verification"]
     out.print(f"verified in ONNX Runtime: max {v['max_steps']:.2f} quantization steps "
               f"over {v['tensors']} tensors")
+    rounds = result.report.get("rebalance") or []
+    if rounds:
+        moves = sum(len(r["moves"]) for r in rounds)
+        out.print(f"rebalanced: {moves} one-bit move(s) in {len(rounds)} round(s), distillation "
+                  f"KL on fine-tune images {rounds[0]['kl_before']:.4g} -> "
+                  f"{rounds[-1]['kl_after']:.4g}")
     guard = result.report.get("guard") or {}
     if guard and not guard.get("held"):
         click.echo(f"Warning: --max-drop {guard['max_drop']} did not hold: the drop is "

@@ -58,6 +58,7 @@ class ShrinkConfig:
     reconstruct: int = 0
     reconstruct_lr: float = 1e-4
     reconstruct_drop: float = 0.0
+    rebalance: int = 0
     min_bits: int = 2
     min_act_bits: int | None = None
     max_bits: int = 8
@@ -133,6 +134,7 @@ class ShrinkConfig:
              f"--reconstruct-lr must be >= 0, got {self.reconstruct_lr}"),
             (0 <= self.reconstruct_drop < 1,
              f"--reconstruct-drop must be in [0, 1), got {self.reconstruct_drop}"),
+            (self.rebalance >= 0, f"--rebalance must be >= 0, got {self.rebalance}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

@@ -24,12 +24,14 @@ from onnxbits.quant.quantizer import BitQuantizer
 
 
 @torch.no_grad()
-def _kl(net: QuantizedNetwork, batches: list[Tensor], teachers: list[Tensor]) -> float:
+def kl_to_teacher(net: QuantizedNetwork, batches: list[Tensor], teachers: list[Tensor]) -> float:
+    """Mean over batches of ``KL(softmax(t) || softmax(s))`` (batch mean), ``s`` the network's
+    logits and ``t`` the teacher's."""
     total = 0.0
-    for x, t in zip(batches, teachers):
+    for x, t in zip(batches, teachers, strict=True):
         s = net(x)
-        total += float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean",
-                                log_target=True))
+        total += float(F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1),
+                                reduction="batchmean", log_target=True))
     return total / max(len(batches), 1)
 
 
@@ -37,14 +39,14 @@ def _kl(net: QuantizedNetwork, batches: list[Tensor], teachers: list[Tensor]) ->
 def sensitivities(net: QuantizedNetwork, batches: list[Tensor],
                   teachers: list[Tensor]) -> list[tuple[float, str, BitQuantizer]]:
     """``(gain, name, quantizer)`` for every group below max bits, largest gain first."""
-    base = _kl(net, batches, teachers)
+    base = kl_to_teacher(net, batches, teachers)
     ranked = []
     for name, q in net.named_quantizers():
         if bool((q.frozen_bits >= q.max_bits).all()):
             continue
         saved = q.frozen_bits.clone()
         q.frozen_bits.fill_(float(q.max_bits))
-        ranked.append((base - _kl(net, batches, teachers), name, q))
+        ranked.append((base - kl_to_teacher(net, batches, teachers), name, q))
         q.frozen_bits.copy_(saved)
     return sorted(ranked, key=lambda r: -r[0])
 

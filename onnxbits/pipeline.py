@@ -1,4 +1,5 @@
-"""``shrink``: import -> quantize -> fine-tune -> freeze -> emit -> verify -> evaluate -> write.
+"""``shrink``: import -> quantize -> fine-tune -> freeze (-> rebalance) -> emit -> verify -> evaluate
+-> write.
 
 The fine-tune runs on ``--device`` (the network and batches move there; teacher logits come from
 ONNX Runtime on the CPU), with ``--amp`` autocast, and under ``torchrun`` on several processes
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +56,17 @@ from onnxbits.run_inputs import (
     emit_event,
     load_splits,
 )
-from onnxbits.run_report import apply_guard, build_report, config_dict, runtime_info
+from onnxbits.quant.quantizer import qdrop
+from onnxbits.rebalance import rebalance_bits
+from onnxbits.run_report import (
+    apply_guard,
+    build_report,
+    calib_teachers,
+    config_dict,
+    runtime_info,
+)
 from onnxbits.run_report import torch_logits as torch_logits
-from onnxbits.train import StepRecord, TrainConfig, fine_tune
+from onnxbits.train import StepRecord, TrainConfig, fine_tune, freeze_all
 from onnxbits.verify import verify
 
 __all__ = ["ShrinkResult", "budget_target", "check_batch_size", "check_output_path",
@@ -168,15 +178,17 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        augment="crop" if cfg.augment == "crop" else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
+    rebalanced: list[dict[str, Any]] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
-                          extra={"moved": moved})
-    controller = freeze = None
+                          extra={"moved": moved, "rebalanced": rebalanced})
+    controller = None
     if budget is not None:
         start = float(bit_cost(objective, layer_bits(net)).detach())
         controller = LambdaController(budget, start, tcfg.learn_steps(), net=net,
                                       objective=objective)
-        freeze = lambda n: moved.extend(freeze_to_budget(n, objective, budget))
+    freeze = _freezer(cfg, objective, budget, calib,
+                      calib_teachers(calib, teacher_train, cfg.batch_size), moved, rebalanced)
     fetch, resident = batch_fetcher(train, ctx.device)
     teacher = torch.from_numpy(teacher_train)
     steps_run: list[StepRecord] = []
@@ -245,6 +257,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
+        rebalance=rebalanced,
         bias_correction=corrected, reconstruction=blocks,
         runtime={**runtime, "stages": stages.seconds()},
         seconds=round(time.perf_counter() - started, 1))
@@ -253,6 +266,29 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     outputs = write_run_outputs(output, report, history)
     remove_checkpoint(ckpt.path)
     return ShrinkResult(output, report_path, report, history, outputs)
+
+
+def _freezer(cfg: ShrinkConfig, objective: str, budget: float | None, calib: list[torch.Tensor],
+             teachers: list[torch.Tensor], moved: list[str],
+             rebalanced: list[dict[str, Any]]) -> Callable[[QuantizedNetwork], None] | None:
+    """The freeze at the end of the learning phase: onto the budget when there is one
+    (``moved`` receives the groups moved off their rounded bits), then ``cfg.rebalance`` rounds
+    of :func:`onnxbits.rebalance.rebalance_bits` at no more than the budget or, without one,
+    the frozen cost (``rebalanced`` receives the rounds). None: the plain freeze."""
+    if budget is None and cfg.rebalance == 0:
+        return None
+
+    def freeze(net: QuantizedNetwork) -> None:
+        if budget is not None:
+            moved.extend(freeze_to_budget(net, objective, budget))
+        else:
+            freeze_all(net)
+        if cfg.rebalance > 0:
+            limit = budget if budget is not None else float(bit_cost(objective, layer_bits(net)))
+            with qdrop(net.acts.values(), 0.0):
+                rounds = rebalance_bits(net, objective, limit, calib, teachers, cfg.rebalance)
+            rebalanced.extend(r.to_dict() for r in rounds)
+    return freeze
 
 
 def _resume_options(cfg: ShrinkConfig) -> dict[str, Any]:

@@ -68,11 +68,18 @@ def apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork
         return accuracy_drop(predict_logits(session, evaluation, batch_size=cfg.batch_size),
                              evaluation, float_eval)
 
-    teachers = [torch.from_numpy(teacher_train[i * cfg.batch_size:i * cfg.batch_size + len(x)])
-                for i, x in enumerate(calib)]
+    teachers = calib_teachers(calib, teacher_train, cfg.batch_size)
     drop, raised = enforce_max_drop(net, measure, cfg.max_drop, calib, teachers, retune)
     return {"max_drop": cfg.max_drop, "final_drop": drop, "held": drop <= cfg.max_drop,
             "raised": raised}
+
+
+def calib_teachers(calib: list[torch.Tensor], teacher_train: np.ndarray,
+                   batch_size: int) -> list[torch.Tensor]:
+    """The float model's logits for each calibration batch (batch ``i`` holds fine-tune images
+    ``i * batch_size`` onwards)."""
+    return [torch.from_numpy(teacher_train[i * batch_size:i * batch_size + len(x)])
+            for i, x in enumerate(calib)]
 
 
 def config_dict(cfg: ShrinkConfig) -> dict[str, Any]:

@@ -167,12 +167,13 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--reconstruct", "-1"), r"--reconstruct must be >= 0"),
     (("--reconstruct-lr", "-1"), r"--reconstruct-lr must be >= 0"),
     (("--reconstruct-drop", "1"), r"--reconstruct-drop must be in \[0, 1\)"),
+    (("--rebalance", "-1"), r"--rebalance must be >= 0"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "negative-alpha-lr", "unknown-rounding",
         "negative-bias-lr", "unknown-augment", "zero-temperature", "act-drop-1",
         "unknown-weight-rounding", "negative-rounding-lr", "negative-feature-kd",
         "bit-anneal-1.5", "negative-reconstruct", "negative-reconstruct-lr",
-        "reconstruct-drop-1"])
+        "reconstruct-drop-1", "negative-rebalance"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -424,3 +425,20 @@ def test_a_model_with_two_outputs_tunes_on_the_first_and_keeps_both(
         (2, 3, 8, 8), dtype=np.float32)})
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert logits.shape == probs.shape == (2, 3)
+
+
+@pytest.mark.parametrize("budget", [(), ("--target-bits", "4")], ids=["frozen-cost", "budget"])
+def test_rebalance_keeps_the_cost_and_lowers_the_measured_loss(
+        workspace: Path, tmp_path: Path, budget: tuple[str, ...]) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--rebalance", "2", *budget)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rounds = report["rebalance"]
+    assert report["config"]["rebalance"] == 2 and 1 <= len(rounds) <= 2
+    limit = report["budget"]["target"] or rounds[0]["cost_after"]
+    for r in rounds:
+        assert r["kl_after"] < r["kl_before"] if r["moves"] else r["kl_after"] == r["kl_before"]
+        assert r["cost_after"] <= limit + 1e-9
+    assert report["avg_bits"] == pytest.approx(rounds[-1]["cost_after"], abs=0.01)
