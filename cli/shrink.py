@@ -157,6 +157,9 @@ class _ProgressView:
 @click.option("--reconstruct-drop", type=float, default=0.0, show_default=True, metavar="P",
               help="QDrop during --reconstruct: while a block trains, each of its activations "
                    "keeps its float value with probability P (0: off).")
+@click.option("--reconstruct-mirror", is_flag=True,
+              help="Reconstruct on the fine-tune images and their horizontal mirror images "
+                   "(twice the inputs, memory and time of --reconstruct).")
 @click.option("--rebalance", type=int, default=0, show_default=True, metavar="R",
               help="After the freeze, R rounds of moving single bits from the layers that need "
                    "them least to those that gain most, measured by the distillation loss on "
@@ -216,7 +219,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
             "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
             "objective", "loss",
             "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
-            "reconstruct", "reconstruct_lr", "reconstruct_drop", "rebalance",
+            "reconstruct", "reconstruct_lr", "reconstruct_drop", "reconstruct_mirror",
+            "rebalance",
             "min_bits", "min_act_bits", "max_bits", "granularity", "target", "device", "amp",
             "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",

@@ -58,6 +58,7 @@ class ShrinkConfig:
     reconstruct: int = 0
     reconstruct_lr: float = 1e-4
     reconstruct_drop: float = 0.0
+    reconstruct_mirror: bool = False
     rebalance: int = 0
     min_bits: int = 2
     min_act_bits: int | None = None

@@ -175,6 +175,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        rounding_lr=cfg.rounding_lr,
                        reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
                        reconstruct_drop=cfg.reconstruct_drop,
+                       reconstruct_mirror=cfg.reconstruct_mirror,
                        augment="crop" if cfg.augment == "crop" else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []

@@ -7,8 +7,8 @@ sub-graph between two cuts maps one tensor to one tensor; consecutive sub-graphs
 each holds at least ``min_layers`` quantized layers (residual blocks stay whole: their skip input
 is alive inside them, so no cut falls there).
 
-Block ``b`` in turn, over the ``N`` fine-tune images (at most ``max_images``; ``x_0`` = the
-images):
+Block ``b`` in turn, over the ``N`` fine-tune images (at most ``max_images``; with ``mirror``
+they and their horizontal mirror images, ``2 N`` inputs; ``x_0`` = those inputs):
 ``y_b = F_b(y_{b-1})`` (float block on the float path), then ``K`` Adam steps on
 ``L_b = mean((Q_b(x_{b-1}) - y_b)^2)`` over random batches, where ``x_{b-1}`` is the quantized
 network's own input to the block (the earlier blocks already reconstructed), the weights, biases
@@ -43,8 +43,8 @@ __all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruc
 class ReconstructConfig:
     """Steps per block, batch, learning rates (Adam: weights and biases, log clip values,
     rounding logits), the QDrop probability while a block trains, the least quantized layers per
-    block, the most images (a seeded subset of the fine-tune images beyond that) and the seed of
-    the batches."""
+    block, the most images (a seeded subset of the fine-tune images beyond that), whether their
+    horizontal mirror images (last axis reversed) join them, and the seed of the batches."""
 
     steps: int = 200
     batch_size: int = 32
@@ -54,6 +54,7 @@ class ReconstructConfig:
     drop: float = 0.0
     min_layers: int = 3
     max_images: int = 1024
+    mirror: bool = False
     seed: int = 0
 
 
@@ -218,8 +219,11 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
                 cfg: ReconstructConfig,
                 on_block: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
     """Reconstruct every block in order (module docstring) on ``images`` (``N`` inputs, on the
-    network's device); returns one :class:`BlockResult` per block."""
+    network's device; ``(N, C, H, W)`` with ``cfg.mirror``); returns one :class:`BlockResult` per
+    block."""
     blocks = split_blocks(net, float_graph, cfg.min_layers)
+    if cfg.mirror:
+        images = torch.cat([images, images.flip(-1)])
     with qdrop(net.acts.values(), 0.0):
         return _reconstruct_blocks(net, blocks, images, cfg, on_block)
 

@@ -205,7 +205,8 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
     cfg = run.cfg
     rcfg = ReconstructConfig(steps=cfg.reconstruct_steps, batch_size=cfg.batch_size,
                              lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr,
-                             drop=cfg.reconstruct_drop, seed=cfg.seed)
+                             drop=cfg.reconstruct_drop, mirror=cfg.reconstruct_mirror,
+                             seed=cfg.seed)
     images = gather_images(fetch, n_train, rcfg, run.device)
     reconstruct(run.net, float_graph, images, rcfg, on_block if run.dist.is_main else None)
     if run.dist.active:

@@ -38,6 +38,7 @@ class TrainConfig:
     reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
     reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
     reconstruct_drop: float = 0.0        # QDrop probability while a block is reconstructed
+    reconstruct_mirror: bool = False     # reconstruct on the images and their mirror images
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 

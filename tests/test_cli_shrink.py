@@ -343,7 +343,7 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
                     "--bias-correction", "--temperature", "2", "--act-drop", "0.25",
                     "--weight-rounding", "learned", "--feature-kd", "0.5", "--bit-anneal", "0.3",
                     "--reconstruct", "3", "--reconstruct-lr", "1e-3",
-                    "--reconstruct-drop", "0.5")
+                    "--reconstruct-drop", "0.5", "--reconstruct-mirror")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
@@ -354,6 +354,7 @@ def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     assert config["bit_anneal"] == 0.3
     assert (config["reconstruct"], config["reconstruct_lr"], config["reconstruct_drop"]) == (
         3, 1e-3, 0.5)
+    assert config["reconstruct_mirror"]
     blocks = report["reconstruction"]
     assert blocks and all(b["loss_after"] <= b["loss_before"] for b in blocks)
     assert [n for b in blocks for n in b["layers"]] == [

@@ -113,6 +113,21 @@ def test_qdrop_acts_only_while_a_block_trains_and_only_on_activations() -> None:
                                                       rel=1e-5)
 
 
+def test_mirror_reconstructs_on_the_images_and_their_mirror_images() -> None:
+    s = _frozen(residual_block)
+    assert s.graph is not None and s.x.dim() == 4
+    first = split_blocks(s.net, s.graph, 1)[0]
+    both = torch.cat([s.x, s.x.flip(-1)])
+    with torch.no_grad():
+        expected = [float(((_first(first.quantized(x)) - _first(first.float(x))) ** 2).mean())
+                    for x in (both, s.x)]
+    assert expected[0] != pytest.approx(expected[1])      # the mirror images do count
+    for mirror, loss in zip((True, False), expected, strict=True):
+        cfg = ReconstructConfig(steps=0, batch_size=16, min_layers=1, mirror=mirror)
+        assert reconstruct(s.net, s.graph, s.x, cfg)[0].loss_before == pytest.approx(loss,
+                                                                                       rel=1e-5)
+
+
 def test_fine_tune_reconstructs_at_the_freeze_and_needs_the_float_graph() -> None:
     s = calibrated_network(residual_block(classes=4))
     assert s.graph is not None
