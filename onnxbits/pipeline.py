@@ -275,11 +275,13 @@ def _freezer(cfg: ShrinkConfig, objective: str, budget: float | None, calib: lis
     """The freeze at the end of the learning phase: onto the budget when there is one
     (``moved`` receives the groups moved off their rounded bits), then ``cfg.rebalance`` rounds
     of :func:`onnxbits.rebalance.rebalance_bits` at no more than the budget or, without one,
-    the frozen cost (``rebalanced`` receives the rounds). None: the plain freeze."""
+    the frozen cost, the quantizers frozen before (pinned end layers) left alone (``rebalanced``
+    receives the rounds). None: the plain freeze."""
     if budget is None and cfg.rebalance == 0:
         return None
 
     def freeze(net: QuantizedNetwork) -> None:
+        pinned = [q for q in net.quantizers() if q.frozen]     # --pin-ends: never moved
         if budget is not None:
             moved.extend(freeze_to_budget(net, objective, budget))
         else:
@@ -287,7 +289,8 @@ def _freezer(cfg: ShrinkConfig, objective: str, budget: float | None, calib: lis
         if cfg.rebalance > 0:
             limit = budget if budget is not None else float(bit_cost(objective, layer_bits(net)))
             with qdrop(net.acts.values(), 0.0):
-                rounds = rebalance_bits(net, objective, limit, calib, teachers, cfg.rebalance)
+                rounds = rebalance_bits(net, objective, limit, calib, teachers, cfg.rebalance,
+                                        fixed=pinned)
             rebalanced.extend(r.to_dict() for r in rounds)
     return freeze
 

@@ -2,7 +2,8 @@
 least to the groups that gain most from them, measured on fine-tune images.
 
 Each round measures, for every group ``g`` whose bits the cost depends on (a layer's weights
-or an activation tensor, :func:`onnxbits.budget.cost_quantizers`), the distillation loss
+or an activation tensor, :func:`onnxbits.budget.cost_quantizers`; ``fixed`` ones, such as pinned
+end layers, excepted), the distillation loss
 ``KL(teacher || student)`` on fixed fine-tune images with ``g`` one bit up and one bit down
 (all its channels, within ``[min_bits, max_bits]``)::
 
@@ -21,6 +22,7 @@ have run or a round moves nothing. No I/O, no printing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -72,12 +74,14 @@ def _shift(q: BitQuantizer, step: int) -> bool:
 
 
 def _candidate_moves(net: QuantizedNetwork, objective: str, batches: list[Tensor],
-                     teachers: list[Tensor], base_kl: float) -> tuple[list[_Move], list[_Move]]:
-    """Every possible one-bit up and down move with its measured KL effect and cost change."""
+                     teachers: list[Tensor], base_kl: float, fixed: set[int]
+                     ) -> tuple[list[_Move], list[_Move]]:
+    """Every possible one-bit up and down move of a group not in ``fixed`` (ids) with its
+    measured KL effect and cost change."""
     names = {id(q): name for name, q in net.named_quantizers()}
     cost = float(bit_cost(objective, layer_bits(net)))
     ups, downs = [], []
-    for q in cost_quantizers(net, objective):
+    for q in (q for q in cost_quantizers(net, objective) if id(q) not in fixed):
         saved = q.frozen_bits.clone()
         for step, into in ((1, ups), (-1, downs)):
             if _shift(q, step):
@@ -131,17 +135,20 @@ def _describe(move: _Move, before: Tensor) -> str:
 
 @torch.no_grad()
 def rebalance_bits(net: QuantizedNetwork, objective: str, budget: float, batches: list[Tensor],
-                   teachers: list[Tensor], rounds: int = 1) -> list[RebalanceRound]:
-    """Rebalance the frozen bits of ``net`` at cost at most ``budget`` (module docstring);
-    ``batches`` and ``teachers`` (the float model's logits for them) may sit on any device: they
-    go to the network's. Returns one :class:`RebalanceRound` per round run."""
+                   teachers: list[Tensor], rounds: int = 1,
+                   fixed: Iterable[BitQuantizer] = ()) -> list[RebalanceRound]:
+    """Rebalance the frozen bits of ``net`` at cost at most ``budget`` (module docstring),
+    leaving the ``fixed`` quantizers alone; ``batches`` and ``teachers`` (the float model's
+    logits for them) may sit on any device: they go to the network's. Returns one
+    :class:`RebalanceRound` per round run."""
+    keep = {id(q) for q in fixed}
     device = next(iter(net.graph.parameters())).device
     batches = [x.to(device) for x in batches]
     teachers = [t.to(device) for t in teachers]
     results = []
     for r in range(rounds):
         base = kl_to_teacher(net, batches, teachers)
-        ups, downs = _candidate_moves(net, objective, batches, teachers, base)
+        ups, downs = _candidate_moves(net, objective, batches, teachers, base, keep)
         room = budget - float(bit_cost(objective, layer_bits(net)))
         plan, predicted = _plan(ups, downs, room)
         saved = {id(m.quantizer): m.quantizer.frozen_bits.clone() for m in plan}

@@ -443,3 +443,13 @@ def test_rebalance_keeps_the_cost_and_lowers_the_measured_loss(
         assert r["kl_after"] < r["kl_before"] if r["moves"] else r["kl_after"] == r["kl_before"]
         assert r["cost_after"] <= limit + 1e-9
     assert report["avg_bits"] == pytest.approx(rounds[-1]["cost_after"], abs=0.01)
+
+
+def test_rebalance_keeps_pinned_end_layers_at_max_bits(workspace: Path, tmp_path: Path) -> None:
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", tmp_path / "m.onnx", "--rebalance", "2", "--pin-ends",
+                    "--target-bits", "4")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    for end in (layers[0], layers[-1]):
+        assert (end["weight_bits"], end["act_bits"]) == (8, 8)

@@ -76,3 +76,13 @@ def test_rebalance_moves_nothing_when_every_group_is_at_max_bits() -> None:
     rounds = rebalance_bits(net, "bits", _cost(net), [x], [teacher], rounds=2)
     assert len(rounds) == 1 and rounds[0].moves == []
     assert all(torch.equal(q.frozen_bits, s) for q, s in zip(net.quantizers(), saved))
+
+
+def test_rebalance_leaves_fixed_groups_alone() -> None:
+    net, x, teacher = _frozen([2, 6, 3, 5])
+    fixed = net.quantizers()[:2]
+    saved = [q.frozen_bits.clone() for q in fixed]
+    moved = rebalance_bits(net, "bits", _cost(net), [x], [teacher], rounds=3, fixed=fixed)
+    assert all(torch.equal(q.frozen_bits, s) for q, s in zip(fixed, saved))
+    names = {name for name, q in net.named_quantizers() if any(q is f for f in fixed)}
+    assert not any(m.split(":")[0] in names for r in moved for m in r.moves)
