@@ -232,10 +232,10 @@ def freeze_to_budget(net: QuantizedNetwork, objective: str, target: float,
         if not moved_any:
             break
     return [line for q in movers
-            if (line := _describe_move(names[id(q)], rounded[id(q)], q.frozen_bits.reshape(-1)))]
+            if (line := describe_move(names[id(q)], rounded[id(q)], q.frozen_bits.reshape(-1)))]
 
 
-def _describe_move(name: str, rounded: torch.Tensor, final: torch.Tensor) -> str | None:
+def describe_move(name: str, rounded: torch.Tensor, final: torch.Tensor) -> str | None:
     """``"<group>: k -> k'"`` for a moved tensor-wide quantizer, ``"<group>: n channel(s) moved
     down/up by one bit"`` for a per-channel one, None when nothing moved."""
     changed = (final != rounded).nonzero().flatten()

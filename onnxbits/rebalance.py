@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from onnxbits.budget import cost_quantizers
+from onnxbits.budget import cost_quantizers, describe_move
 from onnxbits.cost import bit_cost
 from onnxbits.guard import kl_to_teacher
 from onnxbits.insert import QuantizedNetwork, layer_bits
@@ -125,14 +125,6 @@ def _plan(ups: list[_Move], downs: list[_Move], room: float) -> tuple[list[_Move
     return plan[:best_len], best
 
 
-def _describe(move: _Move, before: Tensor) -> str:
-    after = move.quantizer.frozen_bits
-    if before.numel() == 1:
-        return f"{move.name}: {int(before.reshape(-1)[0])} -> {int(after.reshape(-1)[0])}"
-    way = "up" if move.step > 0 else "down"
-    return f"{move.name}: channels moved {way} by one bit"
-
-
 @torch.no_grad()
 def rebalance_bits(net: QuantizedNetwork, objective: str, budget: float, batches: list[Tensor],
                    teachers: list[Tensor], rounds: int = 1,
@@ -165,7 +157,9 @@ def rebalance_bits(net: QuantizedNetwork, objective: str, budget: float, batches
             predicted = sum(m.effect for m in plan)
         results.append(RebalanceRound(
             r, base, after, predicted, float(bit_cost(objective, layer_bits(net))),
-            [_describe(m, saved[id(m.quantizer)]) for m in plan]))
+            [line for m in plan if (line := describe_move(
+                m.name, saved[id(m.quantizer)].reshape(-1),
+                m.quantizer.frozen_bits.reshape(-1)))]))
         if not plan:
             break
     return results
