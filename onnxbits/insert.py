@@ -88,6 +88,11 @@ class QuantizedNetwork:
         (as ONNX Runtime's first output in :func:`onnxbits.evaluate.predict_logits`)."""
         return first_output(self.graph(x))
 
+    @property
+    def device(self) -> torch.device:
+        """The device the graph's parameters live on."""
+        return next(iter(self.graph.parameters())).device
+
     def quantizers(self) -> list[BitQuantizer]:
         """All quantizers: weights in site order, then activations."""
         return [layer.wq for layer in self.layers.values()] + list(self.acts.values())

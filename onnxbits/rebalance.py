@@ -134,7 +134,7 @@ def rebalance_bits(net: QuantizedNetwork, objective: str, budget: float, batches
     logits for them) may sit on any device: they go to the network's. Returns one
     :class:`RebalanceRound` per round run."""
     keep = {id(q) for q in fixed}
-    device = next(iter(net.graph.parameters())).device
+    device = net.device
     batches = [x.to(device) for x in batches]
     teachers = [t.to(device) for t in teachers]
     results = []

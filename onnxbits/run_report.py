@@ -39,7 +39,7 @@ def accuracy(logits: np.ndarray, tensors: ImageTensors, reference: np.ndarray) -
 def torch_logits(net: QuantizedNetwork, tensors: ImageTensors, batch_size: int) -> np.ndarray:
     """Logits of the torch (simulated k-bit) model on every image, computed on the device the
     network is on."""
-    device = next(iter(net.graph.parameters())).device
+    device = net.device
     parts = []
     for start in range(0, len(tensors), batch_size):
         idx = np.arange(start, min(start + batch_size, len(tensors)))

@@ -226,10 +226,6 @@ def _synced_freeze(freeze: Callable[[QuantizedNetwork], object],
     return run
 
 
-def _device(net: QuantizedNetwork) -> torch.device:
-    return next(iter(net.graph.parameters())).device
-
-
 def _restore(run: _Run, checkpoint: CheckpointSpec) -> None:
     """Load ``checkpoint`` into ``run``; a checkpoint of another configuration or network is
     refused with a ConfigError."""
@@ -255,7 +251,7 @@ class _Run:
     def __init__(self, net: QuantizedNetwork, cfg: TrainConfig, batches: BatchSampler,
                  dist: DistContext | None = None) -> None:
         self.net, self.cfg, self.batches = net, cfg, batches
-        self.device = _device(net)
+        self.device = net.device
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
         self.taps: FeatureTaps | None = None
