@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxbits.config import ShrinkConfig
+from onnxbits.config import RECIPES, ShrinkConfig
 from onnxbits.data import decode_images, load_image_set, resolve_preprocess, select_files
 from onnxbits.evaluate import make_session, predict_logits, topk_accuracy
 from onnxbits.pack import pack_model
@@ -42,7 +42,7 @@ PROTOCOLS = {
 # The recipe each protocol's onnxbits rows use (ShrinkConfig fields; the README's commands).
 RECIPES: dict[str, dict] = {
     "cifar": {},
-    "imagenet": {"lr": 1e-5, "loss": "kd"},
+    "imagenet": dict(RECIPES["reconstruct"]),      # onnxbits shrink --recipe reconstruct
 }
 MODELS = {
     "resnet20_cifar10": ("cifar", "cifar10"),

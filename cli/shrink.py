@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from onnxbits.cli.errors import handle_errors
 from onnxbits.cli.options import preprocess_from_options, preprocess_options
 from rich.console import Console
@@ -19,12 +20,18 @@ from onnxbits.config import (
     AUGMENTS,
     GRANULARITIES,
     LOSSES,
+    RECIPES,
     ROUNDINGS,
     WEIGHT_ROUNDINGS,
     ShrinkConfig,
 )
 from onnxbits.cost import OBJECTIVES
 from onnxbits.emit import TARGETS
+
+
+def _as_options(values: dict[str, object]) -> str:
+    """``{"frozen_steps": 0}`` -> ``--frozen-steps 0``."""
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items())
 
 
 class _ProgressView:
@@ -80,6 +87,12 @@ class _ProgressView:
                    "(e.g. '*/0[0-4]*.jpg').")
 @click.option("--eval-include", metavar="GLOB",
               help="Measure only on images of the eval folder whose relative path matches GLOB.")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="finetune",
+              show_default=True,
+              help="Defaults for the training options: finetune = learn the bits, freeze, "
+                   "fine-tune at frozen bits (best with thousands of images); reconstruct = "
+                   f"{_as_options(RECIPES['reconstruct'])} (best measured with about 1000 "
+                   "images, e.g. ImageNet mobile networks). Options given explicitly win.")
 @click.option("--steps", type=int, default=300, show_default=True,
               help="Fine-tune steps in total (learning phase + frozen-bit phase).")
 @click.option("--frozen-steps", type=int, default=None,
@@ -215,6 +228,10 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     from onnxbits.pipeline import shrink
 
     pre = preprocess_from_options(**options)
+    context = click.get_current_context()
+    for key, value in RECIPES[options["recipe"]].items():
+        if context.get_parameter_source(key) is ParameterSource.DEFAULT:
+            options[key] = value
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
             "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
             "objective", "loss",

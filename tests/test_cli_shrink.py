@@ -15,6 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from onnxbits.cli.main import main
+from onnxbits.config import ShrinkConfig
+from onnxbits.errors import ConfigError
 from PIL import Image
 
 from tests.builders import _Builder, conv_relu_gemm, image_folder
@@ -333,6 +335,33 @@ def test_random_crops_fine_tune_and_emit_a_verified_model(workspace: Path,
     assert report["config"]["augment"] == "crop"
     assert "n_train_views" not in report["data"]
     assert report["verification"]["max_steps"] <= 1 and out.is_file()
+
+
+def test_named_recipe_sets_its_defaults_and_explicit_options_win(workspace: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--recipe", "reconstruct", "--reconstruct", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    config = report["config"]
+    assert (config["lr"], config["loss"], config["frozen_steps"]) == (1e-5, "kd", 0)
+    assert config["reconstruct"] == 4          # given on the command line: not the recipe's 600
+    assert report["reconstruction"]
+    plain = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                   "-o", tmp_path / "plain.onnx", "--recipe", "finetune")
+    assert plain.exit_code == 0, plain.output
+    defaults = json.loads(plain.stdout)["config"]
+    assert (defaults["lr"], defaults["loss"], defaults["reconstruct"]) == (1e-4, "auto", 0)
+    assert defaults["frozen_steps"] is None
+
+
+def test_config_from_recipe_puts_the_given_fields_on_top(tmp_path: Path) -> None:
+    cfg = ShrinkConfig.from_recipe("reconstruct", data=tmp_path, lr=3e-5)
+    assert (cfg.lr, cfg.loss, cfg.frozen_steps, cfg.reconstruct) == (3e-5, "kd", 0, 600)
+    assert ShrinkConfig.from_recipe("finetune", data=tmp_path) == ShrinkConfig(data=tmp_path)
+    with pytest.raises(ConfigError, match="--recipe must be one of finetune, reconstruct"):
+        ShrinkConfig.from_recipe("fast", data=tmp_path)
 
 
 def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
