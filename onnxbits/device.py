@@ -12,6 +12,7 @@
 * :func:`resolve_device`, :func:`check_amp` and :func:`autocast`: ``cpu`` / ``cuda`` /
   ``cuda:N`` / ``auto`` and mixed precision (bf16 on CPU and CUDA, fp16 on CUDA); the quantizers
   compute in float32 under autocast (:mod:`onnxbits.quant.fakequant`).
+* :func:`available_memory`: free bytes on the device (block reconstruction sizes its inputs by it).
 * :class:`ResidentImages`: the decoded training images kept on the GPU as uint8 and normalised
   there, so that a step does not wait for a host-to-device copy of float32 batches.
 
@@ -110,6 +111,23 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return str(torch.cuda.get_device_name(device))
     return platform.processor() or platform.machine()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: free GPU memory for CUDA, the kernel's
+    ``MemAvailable`` (``/proc/meminfo``) for the CPU; None where that is not known."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_amp(amp: str | None, device: torch.device) -> None:

@@ -212,6 +212,11 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                         float_graph=online_graph, on_block=on_block)
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
+    if blocks and blocks[0]["inputs"] < blocks[0]["wanted"]:
+        warnings.append(f"block reconstruction ran on {blocks[0]['inputs']} of its "
+                        f"{blocks[0]['wanted']} inputs (a seeded subset): the tensors of all of "
+                        "them would not fit in the free memory; free memory or use fewer "
+                        "images (--max-train-images) to choose the subset yourself")
     close(ctx)
     if not ctx.is_main:
         return ShrinkResult(output, report_path, {}, history, main=False)

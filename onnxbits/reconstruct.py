@@ -19,6 +19,11 @@ quantizers keep each element's float value with probability ``p`` during those s
 and the block outputs are computed with every element quantized. A block whose loss over the
 ``N`` images ends above its starting loss gets its parameters back. Bits stay as frozen. No I/O,
 no printing.
+
+Memory: the stored tensors peak at ``x_0`` plus, for one block, its quantized and float inputs
+and its targets and quantized outputs, ``N (|x_0| + max_b (2 |x_{b-1}| + 2 |y_b|))`` values
+(:func:`bytes_per_input`). With a ``memory`` limit, the inputs are a seeded subset of the ``N``
+when all of them would need more (the results say how many were used).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from torch import Tensor, fx, nn
 from onnxbits.insert import QuantizedNetwork, QuantWeightLayer, first_output
 from onnxbits.quant.quantizer import BitQuantizer, qdrop
 
-__all__ = ["Block", "BlockResult", "ReconstructConfig", "find_cuts", "reconstruct",
-           "split_blocks"]
+__all__ = ["Block", "BlockResult", "ReconstructConfig", "bytes_per_input", "find_cuts",
+           "reconstruct", "split_blocks"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class BlockResult:
     loss_before: float
     loss_after: float
     seconds: float
+    inputs: int = 0          # reconstruction inputs used (mirror images included)
+    wanted: int = 0          # inputs there were before a memory limit
 
     def to_dict(self) -> dict[str, object]:
         """The result as a plain dict (JSON report)."""
@@ -188,9 +195,32 @@ def _block_parameters(block: Block, net: QuantizedNetwork, cfg: ReconstructConfi
 
 @torch.no_grad()
 def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
-    """``module`` over ``inputs`` in chunks of ``batch`` rows, first output, concatenated."""
-    return torch.cat([first_output(module(inputs[s:s + batch])).detach()
-                      for s in range(0, len(inputs), batch)])
+    """``module`` over ``inputs`` in chunks of ``batch`` rows, first output, written into one
+    tensor (no second copy of the chunks)."""
+    out: Tensor | None = None
+    for s in range(0, len(inputs), batch):
+        chunk = first_output(module(inputs[s:s + batch]))
+        if out is None:
+            out = chunk.new_empty((len(inputs), *chunk.shape[1:]))
+        out[s:s + len(chunk)] = chunk
+    assert out is not None, "no inputs"
+    return out
+
+
+@torch.no_grad()
+def _mean_squared_error(outputs: Tensor | nn.Module, inputs: Tensor | None, targets: Tensor,
+                        batch: int) -> float:
+    """``mean((o - t)^2)`` over all elements, in chunks of ``batch`` rows (summed in float64);
+    ``o`` is ``outputs`` itself, or the module ``outputs`` run over ``inputs`` chunk by chunk."""
+    total = 0.0
+    for s in range(0, len(targets), batch):
+        if isinstance(outputs, Tensor):
+            out = outputs[s:s + batch]
+        else:
+            assert inputs is not None
+            out = first_output(outputs(inputs[s:s + batch]))
+        total += float(((out - targets[s:s + batch]) ** 2).sum(dtype=torch.float64))
+    return total / targets.numel()
 
 
 def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQuantizer],
@@ -215,22 +245,48 @@ def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQu
             opt.step()
 
 
+@torch.no_grad()
+def bytes_per_input(blocks: list[Block], sample: Tensor) -> int:
+    """Bytes the stored tensors take per reconstruction input at their peak (module docstring),
+    measured by running ``sample`` (one input, batch of 1) through the float blocks."""
+    x = sample
+    peak = 0
+    for block in blocks:
+        y = first_output(block.float(x))
+        peak = max(peak, 2 * x.numel() * x.element_size() + 2 * y.numel() * y.element_size())
+        x = y
+    return sample.numel() * sample.element_size() + peak
+
+
 def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tensor,
                 cfg: ReconstructConfig,
-                on_block: Callable[[BlockResult], None] | None = None) -> list[BlockResult]:
+                on_block: Callable[[BlockResult], None] | None = None,
+                memory: int | None = None) -> list[BlockResult]:
     """Reconstruct every block in order (module docstring) on ``images`` (``N`` inputs, on the
     network's device; ``(N, C, H, W)`` with ``cfg.mirror``); returns one :class:`BlockResult` per
-    block."""
+    block. With ``memory`` (bytes), a seeded subset of the images (kept in order) when the
+    tensors of all of them would take more; pass ``images`` without keeping a reference, so that
+    the rest is freed."""
     blocks = split_blocks(net, float_graph, cfg.min_layers)
+    views = 2 if cfg.mirror else 1
+    wanted = views * len(images)
+    if memory is not None:
+        fit = memory // (views * bytes_per_input(blocks, images[:1]))
+        if fit < len(images):
+            keep = np.random.default_rng(cfg.seed).choice(len(images), max(int(fit), 1),
+                                                          replace=False)
+            images = images[torch.from_numpy(np.sort(keep)).to(images.device)]
     if cfg.mirror:
         images = torch.cat([images, images.flip(-1)])
     with qdrop(net.acts.values(), 0.0):
-        return _reconstruct_blocks(net, blocks, images, cfg, on_block)
+        results = _reconstruct_blocks(net, blocks, images, cfg, on_block, wanted)
+    return results
 
 
 def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tensor,
                         cfg: ReconstructConfig,
-                        on_block: Callable[[BlockResult], None] | None) -> list[BlockResult]:
+                        on_block: Callable[[BlockResult], None] | None,
+                        wanted: int) -> list[BlockResult]:
     generator = torch.Generator().manual_seed(cfg.seed)
     act_quantizers = set(net.acts.values())
     quant_in, float_in = images, images
@@ -240,22 +296,23 @@ def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tens
         targets = _run_all(block.float, float_in, cfg.batch_size)
         float_in = targets       # the previous float inputs are freed: peak memory is one
                                  # block's quantized inputs, targets and quantized outputs
-        before = float(((_run_all(block.quantized, quant_in, cfg.batch_size) - targets) ** 2)
-                       .mean())
+        before = _mean_squared_error(block.quantized, quant_in, targets, cfg.batch_size)
         groups = _block_parameters(block, net, cfg)
         params = [p for g in groups for p in g["params"]]
         saved = [p.detach().clone() for p in params]
         acts = [m for m in block.quantized.modules() if m in act_quantizers]
         _train_block(block, groups, acts, quant_in, targets, cfg, generator)
         quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
-        after = float(((quant_out - targets) ** 2).mean())
+        after = _mean_squared_error(quant_out, None, targets, cfg.batch_size)
         if not after <= before:            # never leave a block worse than it came
             with torch.no_grad():
                 for p, value in zip(params, saved, strict=True):
                     p.copy_(value)
+            del quant_out
             quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
             after = before
-        result = BlockResult(b, block.layers, before, after, time.perf_counter() - started)
+        result = BlockResult(b, block.layers, before, after, time.perf_counter() - started,
+                             len(quant_in), wanted)
         results.append(result)
         if on_block is not None:
             on_block(result)

@@ -15,7 +15,8 @@ it (the weights' clip values still fixed). With ``reconstruct_steps = K > 0`` ph
 with block-wise reconstruction on the fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
 per block, after the learned rounding has started if it is on; without a phase 2 it follows the
 final freeze, and with ``weight_rounding="learned"`` it then learns the roundings; QDrop inside it
-is ``reconstruct_drop``, not ``act_drop``). With ``act_drop = p > 0`` (QDrop)
+is ``reconstruct_drop``, not ``act_drop``; its stored tensors take at most
+``RECONSTRUCT_MEMORY_SHARE`` of the device's free memory, with fewer images if need be). With ``act_drop = p > 0`` (QDrop)
 each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
@@ -54,7 +55,7 @@ from torch import Tensor, fx, nn
 from onnxbits.augment import apply_crops, sample_crops, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
-from onnxbits.device import autocast
+from onnxbits.device import autocast, available_memory
 from onnxbits.distributed import DistContext, any_rank, average_gradients, broadcast_, shard
 from onnxbits.errors import ConfigError
 from onnxbits.features import FeatureTaps
@@ -64,6 +65,10 @@ from onnxbits.quant.quantizer import qdrop
 from onnxbits.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 from onnxbits.sampler import BatchSampler, batch_indices
 from onnxbits.train_config import MAX_SHARPNESS, TrainConfig
+
+# Share of the device's free memory that block reconstruction's stored tensors may take
+# (fewer images beyond it); the rest is for the block's own training step and the run.
+RECONSTRUCT_MEMORY_SHARE = 0.7
 
 __all__ = ["MAX_SHARPNESS", "BatchSampler", "StepRecord", "TrainConfig", "batch_indices",
            "fine_tune", "freeze_all", "task_loss"]
@@ -207,8 +212,10 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
                              lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr,
                              drop=cfg.reconstruct_drop, mirror=cfg.reconstruct_mirror,
                              seed=cfg.seed)
-    images = gather_images(fetch, n_train, rcfg, run.device)
-    reconstruct(run.net, float_graph, images, rcfg, on_block if run.dist.is_main else None)
+    free = available_memory(run.device)
+    reconstruct(run.net, float_graph, gather_images(fetch, n_train, rcfg, run.device), rcfg,
+                on_block if run.dist.is_main else None,
+                memory=None if free is None else int(RECONSTRUCT_MEMORY_SHARE * free))
     if run.dist.active:
         broadcast_([*run.net.graph.parameters(), *run.net.graph.buffers()])
     run.new_optimizer(bits=False)

@@ -356,6 +356,20 @@ def test_named_recipe_sets_its_defaults_and_explicit_options_win(workspace: Path
     assert defaults["frozen_steps"] is None
 
 
+def test_reconstruction_short_of_memory_uses_fewer_images_and_says_so(
+        workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("onnxbits.train.available_memory", lambda device: 1)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", tmp_path / "m.onnx", "--frozen-steps", "0", "--reconstruct", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    blocks = report["reconstruction"]
+    assert blocks and all(b["inputs"] == 1 < b["wanted"] for b in blocks)
+    assert any(re.search(r"block reconstruction ran on 1 of its \d+ inputs", w)
+               for w in report["warnings"]), report["warnings"]
+    assert "Warning: block reconstruction ran on 1 of" in result.stderr
+
+
 def test_config_from_recipe_puts_the_given_fields_on_top(tmp_path: Path) -> None:
     cfg = ShrinkConfig.from_recipe("reconstruct", data=tmp_path, lr=3e-5)
     assert (cfg.lr, cfg.loss, cfg.frozen_steps, cfg.reconstruct) == (3e-5, "kd", 0, 600)

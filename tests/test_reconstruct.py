@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from onnxbits.reconstruct import (
-    ReconstructConfig, find_cuts, gather_images, reconstruct, split_blocks)
+    ReconstructConfig, bytes_per_input, find_cuts, gather_images, reconstruct, split_blocks)
 from onnxbits.train import TrainConfig, fine_tune, freeze_all
 from tests.builders import ALL_BUILDERS, linear_bottleneck, residual_block
 from tests.conftest import Calibrated, calibrated_network
@@ -176,3 +176,37 @@ def test_images_are_capped_by_a_seeded_subset_in_order() -> None:
     assert torch.equal(gather_images(fetch, 25, cfg, torch.device("cpu")), images)
     everything = gather_images(fetch, 7, cfg, torch.device("cpu"))
     assert everything[:, 0].tolist() == list(range(7))
+
+
+def test_bytes_per_input_counts_the_inputs_and_the_largest_block_twice() -> None:
+    s = _frozen(residual_block)
+    assert s.graph is not None
+    blocks = split_blocks(s.net, s.graph, 1)
+    x, peak = s.x[:1], 0
+    with torch.no_grad():
+        for block in blocks:
+            y = _first(block.float(x))
+            peak = max(peak, 4 * (2 * x.numel() + 2 * y.numel()))     # float32
+            x = y
+    assert bytes_per_input(blocks, s.x[:1]) == 4 * s.x[:1].numel() + peak
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_a_memory_limit_reconstructs_on_a_seeded_subset(mirror: bool) -> None:
+    s = _frozen(residual_block)
+    assert s.graph is not None
+    views = 2 if mirror else 1
+    first = split_blocks(s.net, s.graph, 1)[0]
+    per = bytes_per_input(split_blocks(s.net, s.graph, 1), s.x[:1])
+    cfg = ReconstructConfig(steps=0, batch_size=16, min_layers=1, mirror=mirror, seed=3)
+    whole = reconstruct(s.net, s.graph, s.x, cfg, memory=10**12)
+    assert (whole[0].inputs, whole[0].wanted) == (views * len(s.x),) * 2
+    results = reconstruct(s.net, s.graph, s.x, cfg, memory=views * 5 * per + per // 2)
+    assert all((r.inputs, r.wanted) == (views * 5, views * len(s.x)) for r in results)
+    keep = np.sort(np.random.default_rng(3).choice(len(s.x), 5, replace=False))
+    x = s.x[torch.from_numpy(keep)]
+    if mirror:
+        x = torch.cat([x, x.flip(-1)])
+    with torch.no_grad():
+        expected = float(((_first(first.quantized(x)) - _first(first.float(x))) ** 2).mean())
+    assert results[0].loss_before == pytest.approx(expected, rel=1e-5)
