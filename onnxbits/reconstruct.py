@@ -208,18 +208,13 @@ def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
 
 
 @torch.no_grad()
-def _mean_squared_error(outputs: Tensor | nn.Module, inputs: Tensor | None, targets: Tensor,
-                        batch: int) -> float:
-    """``mean((o - t)^2)`` over all elements, in chunks of ``batch`` rows (summed in float64);
-    ``o`` is ``outputs`` itself, or the module ``outputs`` run over ``inputs`` chunk by chunk."""
+def _mean_squared_error(output: Callable[[slice], Tensor], targets: Tensor, batch: int) -> float:
+    """``mean((o - t)^2)`` over all elements of ``targets``, ``o`` given chunk by chunk of
+    ``batch`` rows by ``output(rows)`` (summed in float64: no whole-size temporary)."""
     total = 0.0
     for s in range(0, len(targets), batch):
-        if isinstance(outputs, Tensor):
-            out = outputs[s:s + batch]
-        else:
-            assert inputs is not None
-            out = first_output(outputs(inputs[s:s + batch]))
-        total += float(((out - targets[s:s + batch]) ** 2).sum(dtype=torch.float64))
+        rows = slice(s, s + batch)
+        total += float(((output(rows) - targets[rows]) ** 2).sum(dtype=torch.float64))
     return total / targets.numel()
 
 
@@ -279,8 +274,7 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
     if cfg.mirror:
         images = torch.cat([images, images.flip(-1)])
     with qdrop(net.acts.values(), 0.0):
-        results = _reconstruct_blocks(net, blocks, images, cfg, on_block, wanted)
-    return results
+        return _reconstruct_blocks(net, blocks, images, cfg, on_block, wanted)
 
 
 def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tensor,
@@ -296,14 +290,15 @@ def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tens
         targets = _run_all(block.float, float_in, cfg.batch_size)
         float_in = targets       # the previous float inputs are freed: peak memory is one
                                  # block's quantized inputs, targets and quantized outputs
-        before = _mean_squared_error(block.quantized, quant_in, targets, cfg.batch_size)
+        before = _mean_squared_error(lambda rows: first_output(block.quantized(quant_in[rows])),
+                                     targets, cfg.batch_size)
         groups = _block_parameters(block, net, cfg)
         params = [p for g in groups for p in g["params"]]
         saved = [p.detach().clone() for p in params]
         acts = [m for m in block.quantized.modules() if m in act_quantizers]
         _train_block(block, groups, acts, quant_in, targets, cfg, generator)
         quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
-        after = _mean_squared_error(quant_out, None, targets, cfg.batch_size)
+        after = _mean_squared_error(quant_out.__getitem__, targets, cfg.batch_size)
         if not after <= before:            # never leave a block worse than it came
             with torch.no_grad():
                 for p, value in zip(params, saved, strict=True):
