@@ -43,6 +43,7 @@ the uninterrupted run would have. Apart from those checkpoints, no I/O and no pr
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
@@ -213,6 +214,8 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
                              drop=cfg.reconstruct_drop, mirror=cfg.reconstruct_mirror,
                              seed=cfg.seed)
     free = available_memory(run.device)
+    if free is not None and run.device.type == "cpu":      # torchrun processes share the RAM
+        free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     reconstruct(run.net, float_graph, gather_images(fetch, n_train, rcfg, run.device), rcfg,
                 on_block if run.dist.is_main else None,
                 memory=None if free is None else int(RECONSTRUCT_MEMORY_SHARE * free))
