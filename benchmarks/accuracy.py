@@ -93,8 +93,9 @@ def ort_ptq(model: Path, calib, out: Path, weight_bits: int) -> Path:
 
 
 ABLATIONS: dict[str, dict] = {
-    "default: learned scales, loss auto (kd+ce with labels), floor/ceil interpolation, "
-    "30% frozen, activations >= 3 bits": {},
+    "default: the protocol's recipe (CIFAR: learned scales, loss auto = kd+ce with labels, "
+    "floor/ceil interpolation, 30% frozen, activations >= 3 bits; ImageNet: --recipe "
+    "reconstruct)": {},
     "min-max scales (clip values calibrated, not learned)": {"alpha_lr": 0.0},
     "labels only (ce)": {"loss": "ce"},
     "distillation only (kd)": {"loss": "kd"},
