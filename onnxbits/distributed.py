@@ -62,6 +62,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def local_world_size() -> int:
+    """``LOCAL_WORLD_SIZE`` from the environment: processes on this machine (1 when unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
 def init_from_env(device: str = "auto") -> DistContext:
     """Resolve ``device`` and, under ``torchrun`` (``WORLD_SIZE > 1``), join the process group.
 

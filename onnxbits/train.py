@@ -16,8 +16,8 @@ with block-wise reconstruction on the fine-tune images (:mod:`onnxbits.reconstru
 per block, after the learned rounding has started if it is on; without a phase 2 it follows the
 final freeze, and with ``weight_rounding="learned"`` it then learns the roundings; QDrop inside it
 is ``reconstruct_drop``, not ``act_drop``; its stored tensors take at most
-``RECONSTRUCT_MEMORY_SHARE`` of the device's free memory, with fewer images if need be). With ``act_drop = p > 0`` (QDrop)
-each activation element keeps its float value with probability ``p`` in both phases (see
+``RECONSTRUCT_MEMORY_SHARE`` of the device's free memory, with fewer images if need be).
+With ``act_drop = p > 0`` (QDrop) each activation element keeps its float value with probability ``p`` in both phases (see
 :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
 
 The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || softmax(s/T))``
@@ -43,7 +43,6 @@ the uninterrupted run would have. Apart from those checkpoints, no I/O and no pr
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
@@ -57,7 +56,8 @@ from onnxbits.augment import apply_crops, sample_crops, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
 from onnxbits.device import autocast, available_memory
-from onnxbits.distributed import DistContext, any_rank, average_gradients, broadcast_, shard
+from onnxbits.distributed import (
+    DistContext, any_rank, average_gradients, broadcast_, local_world_size, shard)
 from onnxbits.errors import ConfigError
 from onnxbits.features import FeatureTaps
 from onnxbits.insert import QuantizedNetwork, first_output, layer_bits
@@ -215,7 +215,7 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
                              seed=cfg.seed)
     free = available_memory(run.device)
     if free is not None and run.device.type == "cpu":      # torchrun processes share the RAM
-        free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        free //= local_world_size()
     reconstruct(run.net, float_graph, gather_images(fetch, n_train, rcfg, run.device), rcfg,
                 on_block if run.dist.is_main else None,
                 memory=None if free is None else int(RECONSTRUCT_MEMORY_SHARE * free))
