@@ -106,7 +106,9 @@ class _ProgressView:
               help="flip: fine-tune on each image and its horizontal mirror (teacher logits of "
                    "both computed once); crop: a fresh random resized crop (25-100%% of the "
                    "area, mirrored half the time) of every image at every step, the float "
-                   "model's logits on it as teacher. For natural images, not text or digits.")
+                   "model's logits on it as teacher; mix: crop, then mixup of each crop with a "
+                   "crop of a random other image (weight U(0,1)), distillation only. For "
+                   "natural images, not text or digits.")
 @click.option("--alpha-lr", type=float, default=1e-2, show_default=True,
               help="Adam learning rate of the clip values (log-parametrised); 0 keeps the "
                    "calibrated min-max values.")

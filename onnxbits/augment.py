@@ -1,4 +1,4 @@
-"""Random resized crops of image batches for the fine-tune (``--augment crop``).
+"""Random resized crops and mixes of image batches for the fine-tune (``--augment crop|mix``).
 
 Each image of an ``(N, C, H, W)`` batch is replaced by a crop covering a fraction
 ``s ~ U(scale)`` of its area with aspect ratio ``r = exp(U(log ratio))``: width ``W min(1,
@@ -9,6 +9,11 @@ normalized coordinates of :func:`torch.nn.functional.affine_grid` a crop is the 
 ``x_in = flip * w * x_out + cx``, ``y_in = h * y_out + cy`` with ``|cx| <= 1 - w`` and
 ``|cy| <= 1 - h`` (``w``, ``h`` the width and height fractions). Cropping a normalized batch
 equals normalizing the cropped images: per-channel affine maps commute with bilinear resampling.
+
+``mix`` (mixup of two crops, for distillation, as in "function matching", Beyer et al. 2022): each
+image ``i`` of a batch gets a partner ``j_i`` drawn uniformly from all ``n`` fine-tune images and a
+weight ``m_i ~ U(0, 1)``; the input is ``m_i crop(x_i) + (1 - m_i) crop'(x_{j_i})`` (two independent
+crops), and the float model's output on that input is the teacher. Mixed images have no label.
 """
 
 from __future__ import annotations
@@ -74,6 +79,34 @@ def apply_crops(x: Tensor, crops: Crops) -> Tensor:
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
                         align_corners=False)
     return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Mixes:
+    """One mix per image: the partner's index among the fine-tune images and the image's weight."""
+
+    partners: Tensor   # int64 indices in [0, n)
+    weight: Tensor     # m in [0, 1), float32
+
+    def rows(self, index: Tensor | slice) -> Mixes:
+        """The mixes of the images ``index`` selects (a process's share of a global batch)."""
+        return Mixes(self.partners[index], self.weight[index])
+
+
+def sample_mixes(size: int, n_images: int, generator: torch.Generator) -> Mixes:
+    """Draw ``size`` mixes over ``n_images`` fine-tune images (on the CPU, from ``generator``)."""
+    partners = torch.randint(n_images, (size,), generator=generator)
+    weight = torch.rand(size, generator=generator, dtype=torch.float64).float()
+    return Mixes(partners, weight)
+
+
+def apply_mix(x: Tensor, partner: Tensor, weight: Tensor) -> Tensor:
+    """``m x + (1 - m) partner`` per image (``weight`` holds ``m``, one per image)."""
+    if x.shape != partner.shape:
+        raise ValueError(f"mixing needs images of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(partner.shape)}")
+    m = weight.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return m * x + (1 - m) * partner
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

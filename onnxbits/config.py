@@ -15,7 +15,7 @@ LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
 WEIGHT_ROUNDINGS = ("nearest", "learned")
-AUGMENTS = ("none", "flip", "crop")
+AUGMENTS = ("none", "flip", "crop", "mix")
 # Activations below 3 bits cost more accuracy than the bits they free (README, recipe ablation).
 DEFAULT_ACT_FLOOR = 3
 #: ``--recipe``: named sets of ShrinkConfig values that replace the defaults (options given
@@ -94,9 +94,10 @@ class ShrinkConfig:
         return cls(**{**RECIPES[recipe], **fields})  # type: ignore[arg-type]
 
     def task_loss(self, has_labels: bool) -> str:
-        """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``."""
+        """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``
+        (always ``kd`` with ``--augment mix``: mixed images have no label)."""
         if self.loss == "auto":
-            return "kd+ce" if has_labels else "kd"
+            return "kd+ce" if has_labels and self.augment != "mix" else "kd"
         return self.loss
 
     def budget_objective(self) -> str | None:
@@ -136,6 +137,9 @@ class ShrinkConfig:
              f"--bias-lr must be >= 0, got {self.bias_lr}"),
             (self.augment in AUGMENTS,
              f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
+            (self.augment != "mix" or self.loss in ("auto", "kd"),
+             f"--augment mix needs --loss kd or auto (mixed images have no label), "
+             f"got --loss {self.loss}"),
             (self.bit_rounding in ROUNDINGS,
              f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
             (0 <= self.bit_anneal <= 1, f"--bit-anneal must be in [0, 1], got {self.bit_anneal}"),

@@ -176,7 +176,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
                        reconstruct_drop=cfg.reconstruct_drop,
                        reconstruct_mirror=cfg.reconstruct_mirror,
-                       augment="crop" if cfg.augment == "crop" else "none",
+                       augment=cfg.augment if cfg.augment in ("crop", "mix") else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
     moved: list[str] = []
     rebalanced: list[dict[str, Any]] = []

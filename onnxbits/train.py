@@ -26,7 +26,8 @@ The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || sof
 (every site's output against the float model's, :mod:`onnxbits.features`). With
 ``augment = "crop"`` every batch is replaced by random resized crops (:mod:`onnxbits.augment`,
 drawn from (seed, step) alone for the global batch) and the teacher logits are the float
-graph's on those crops.
+graph's on those crops; ``augment = "mix"`` mixes each crop with a crop of a random partner image
+(mixup, :mod:`onnxbits.augment`; the task loss must then be ``kd``).
 
 The network may sit on any device: batches and teacher logits go to the device of its parameters,
 and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from onnxbits.augment import apply_crops, sample_crops, step_generator
+from onnxbits.augment import apply_crops, apply_mix, sample_crops, sample_mixes, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
 from onnxbits.device import autocast, available_memory
@@ -137,11 +138,15 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     receives each reconstructed block's result.
     """
     if cfg.needs_float_graph() and float_graph is None:
-        raise ValueError("feature_kd > 0, augment='crop' and reconstruct_steps > 0 need the "
-                         "float graph")
+        raise ValueError("feature_kd > 0, augment='crop'/'mix' and reconstruct_steps > 0 need "
+                         "the float graph")
+    if cfg.augment == "mix" and cfg.loss != "kd":
+        raise ValueError(f"augment='mix' needs loss='kd' (mixed images have no label), "
+                         f"got {cfg.loss!r}")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
     run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), dist)
+    run.n_train = n_train
     if checkpoint is not None and checkpoint.resume:
         _restore(run, checkpoint)
     if run.dist.active:
@@ -153,7 +158,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     net.graph.eval()
     if float_graph is not None:
         float_graph.eval()
-        run.teacher_graph = float_graph if cfg.augment == "crop" else None
+        run.teacher_graph = float_graph if cfg.augment in ("crop", "mix") else None
         if cfg.feature_kd > 0:
             run.taps = FeatureTaps(net, float_graph)
     with (deferred_interrupt(enabled=checkpoint is not None) as guard,
@@ -265,7 +270,8 @@ class _Run:
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
         self.taps: FeatureTaps | None = None
-        self.teacher_graph: nn.Module | None = None    # online teacher (augment="crop")
+        self.teacher_graph: nn.Module | None = None    # online teacher (augment crop / mix)
+        self.n_train = 0
         self.history: list[StepRecord] = []
         self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
@@ -313,6 +319,22 @@ def _float_pass(run: _Run, x: Tensor) -> Tensor | None:
     return None
 
 
+def _augmented(run: _Run, step: int, size: int, x: Tensor,
+               fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]]) -> Tensor:
+    """This process's rows of the global batch's crops (and mixes) of ``x``, drawn from
+    (seed, step) alone: the same inputs with any number of processes."""
+    generator = step_generator(run.cfg.seed, step)
+    rows = (torch.from_numpy(shard(np.arange(size), run.dist.rank, run.dist.world))
+            if run.dist.active else slice(None))
+    x = apply_crops(x, sample_crops(size, generator).rows(rows))
+    if run.cfg.augment != "mix":
+        return x
+    partner_crops = sample_crops(size, generator).rows(rows)
+    mixes = sample_mixes(size, run.n_train, generator).rows(rows)
+    partner = fetch(mixes.partners.numpy())[0].to(x.device, non_blocking=True)
+    return apply_mix(x, apply_crops(partner, partner_crops), mixes.weight)
+
+
 def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
                 teacher_logits: Tensor | None) -> StepRecord:
     """One optimizer step of the learning or the frozen phase."""
@@ -332,12 +354,8 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     x = x.to(run.device, non_blocking=True)
     labels = labels.to(run.device) if labels is not None else None
     teacher = None
-    if run.teacher_graph is not None:     # the global batch's crops, this process's rows
-        crops = sample_crops(len(idx), step_generator(cfg.seed, step))
-        if run.dist.active:
-            crops = crops.rows(torch.from_numpy(shard(np.arange(len(idx)), run.dist.rank,
-                                                      run.dist.world)))
-        x = apply_crops(x, crops)
+    if run.teacher_graph is not None:
+        x = _augmented(run, step, len(idx), x, fetch)
     elif teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     with autocast(run.device, cfg.amp):

@@ -33,7 +33,7 @@ class TrainConfig:
     feature_kd: float = 0.0              # weight of the feature loss (needs the float graph)
     weight_rounding: str = "nearest"     # nearest | learned (frozen phase)
     rounding_lr: float = 1e-2            # Adam, rounding logits V
-    augment: str = "none"                # none | crop (random crops, float graph as teacher)
+    augment: str = "none"                # none | crop | mix (float graph as teacher)
     bit_anneal: float = 0.0              # fraction of the learning phase that sharpens bits
     reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
     reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
@@ -53,9 +53,10 @@ class TrainConfig:
         return int(round(0.8 * self.n_frozen()))
 
     def needs_float_graph(self) -> bool:
-        """Feature distillation and random crops run the float graph at every step, block
+        """Feature distillation and random crops (and mixes) run the float graph at every step, block
         reconstruction block by block."""
-        return self.feature_kd > 0 or self.augment == "crop" or self.reconstruct_steps > 0
+        return (self.feature_kd > 0 or self.augment in ("crop", "mix")
+                or self.reconstruct_steps > 0)
 
     def sharpness(self, step: int) -> float:
         """Interpolation sharpness ``h`` at a learning ``step``: 1, and over the last

@@ -1,4 +1,4 @@
-"""Random resized crops: the stated geometry, exact special cases, and the online teacher."""
+"""Random resized crops and mixes: the stated geometry, exact special cases, the online teacher."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onnxbits.augment import Crops, apply_crops, sample_crops, step_generator
+from onnxbits.augment import Crops, apply_crops, apply_mix, sample_crops, sample_mixes, step_generator
 from onnxbits.train import TrainConfig, fine_tune
 from tests.builders import conv_relu_gemm
 from tests.conftest import calibrated_network
@@ -77,3 +77,55 @@ def test_fine_tune_with_crops_uses_the_float_graph_as_teacher() -> None:
     assert not any(torch.equal(v, s.x[:16]) for v in seen)     # crops, not the stored images
     with pytest.raises(ValueError, match="float graph"):
         fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x), cfg)
+
+
+def test_mixes_draw_partners_among_all_images_and_weights_in_the_unit_interval() -> None:
+    mixes = sample_mixes(4000, 7, torch.Generator().manual_seed(0))
+    assert mixes.partners.dtype == torch.int64
+    assert set(mixes.partners.tolist()) == set(range(7))
+    assert 0 <= float(mixes.weight.min()) and float(mixes.weight.max()) < 1
+    assert float(mixes.weight.mean()) == pytest.approx(0.5, abs=0.02)
+    again = sample_mixes(4000, 7, torch.Generator().manual_seed(0))
+    assert torch.equal(again.partners, mixes.partners) and torch.equal(again.weight, mixes.weight)
+    part = mixes.rows(slice(10, 20))
+    assert torch.equal(part.partners, mixes.partners[10:20])
+
+
+def test_mix_is_the_stated_convex_combination() -> None:
+    x, partner = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    weight = torch.tensor([0.0, 0.25, 1.0])
+    got = apply_mix(x, partner, weight)
+    torch.testing.assert_close(got[0], partner[0])
+    torch.testing.assert_close(got[1], 0.25 * x[1] + 0.75 * partner[1])
+    torch.testing.assert_close(got[2], x[2])
+    with pytest.raises(ValueError, match="one shape"):
+        apply_mix(x, partner[:2], weight)
+
+
+def test_fine_tune_with_mixes_fetches_partners_and_distils_on_the_mixed_images() -> None:
+    s = calibrated_network(conv_relu_gemm(classes=4))
+    assert s.graph is not None
+    cfg = TrainConfig(steps=4, batch_size=8, lam=0.1, augment="mix")
+    fetched: list[list[int]] = []
+    seen: list[torch.Tensor] = []
+
+    def fetch(idx):
+        fetched.append([int(i) for i in idx])
+        return s.x[idx], None
+
+    hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+             for m in (s.graph, s.net.graph)]
+    history = fine_tune(s.net, fetch, None, len(s.x), cfg, float_graph=s.graph)
+    for hook in hooks:
+        hook.remove()
+    assert len(history) == 4 and all(r.task > 0 for r in history)
+    assert len(fetched) == 8                        # the batch, then its partners, every step
+    partners = [fetched[i] for i in range(1, 8, 2)]
+    assert all(len(p) == 8 and all(0 <= i < len(s.x) for i in p) for p in partners)
+    assert len({tuple(p) for p in partners}) == 4   # fresh partners every step
+    teacher_inputs, student_inputs = seen[0::2], seen[1::2]
+    assert all(torch.equal(t, u) for t, u in zip(teacher_inputs, student_inputs, strict=True))
+    with pytest.raises(ValueError, match="needs loss='kd'"):
+        fine_tune(s.net, fetch, None, len(s.x),
+                  TrainConfig(steps=2, batch_size=8, augment="mix", loss="kd+ce"),
+                  float_graph=s.graph)

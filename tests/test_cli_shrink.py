@@ -337,6 +337,23 @@ def test_random_crops_fine_tune_and_emit_a_verified_model(workspace: Path,
     assert report["verification"]["max_steps"] <= 1 and out.is_file()
 
 
+def test_mixed_crops_distil_without_labels_and_refuse_a_label_loss(workspace: Path,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
+                    "-o", out, "--augment", "mix")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["augment"] == "mix" and report["config"]["task_loss"] == "kd"
+    assert report["verification"]["max_steps"] <= 1 and out.is_file()
+    before = files_under(workspace)
+    refused = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST,
+                     "-o", tmp_path / "n.onnx", "--augment", "mix", "--loss", "ce")
+    assert refused.exit_code == 2
+    assert "--augment mix needs --loss kd or auto" in refused.output
+    assert files_under(workspace) == before and not (tmp_path / "n.onnx").exists()
+
+
 def test_named_recipe_sets_its_defaults_and_explicit_options_win(workspace: Path,
                                                                  tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"

@@ -32,8 +32,10 @@ from tests.test_train import setup
 WORLD = 2
 # (global batch, steps, augment, reconstruction steps): 16 splits 8 + 8; 15 splits 8 + 7 (the
 # shards are weighted 8/15, 7/15); with random crops each process crops its rows of the global
-# batch; block reconstruction runs in every process on all images
-RUNS = ((16, 16, "none", 0), (15, 12, "none", 0), (15, 8, "crop", 0), (16, 8, "none", 3))
+# batch (and mixes with partners drawn for the global batch); block reconstruction runs in every
+# process on all images
+RUNS = ((16, 16, "none", 0), (15, 12, "none", 0), (15, 8, "crop", 0), (15, 6, "mix", 0),
+        (16, 8, "none", 3))
 TARGET_BITS = 5.0
 
 

@@ -386,10 +386,11 @@ def resume_with_float_graph_matches(cfg: TrainConfig, step: int, tmp_path: Path)
     return blocks
 
 
-@pytest.mark.parametrize("step", [3, 9], ids=["learning", "frozen"])
-def test_resume_with_random_crops_matches_the_uninterrupted_run(step: int,
+@pytest.mark.parametrize(("augment", "step"), [("crop", 3), ("crop", 9), ("mix", 9)],
+                         ids=["crop-learning", "crop-frozen", "mix-frozen"])
+def test_resume_with_random_crops_matches_the_uninterrupted_run(augment: str, step: int,
                                                                  tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=12, frozen_steps=4, batch_size=8, lam=0.5, seed=3, augment="crop")
+    cfg = TrainConfig(steps=12, frozen_steps=4, batch_size=8, lam=0.5, seed=3, augment=augment)
     assert resume_with_float_graph_matches(cfg, step, tmp_path) == []
 
 
