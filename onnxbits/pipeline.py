@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from torch import fx
 
 from onnxbits.budget import LambdaController, freeze_to_budget
 from onnxbits.biascorr import correct_biases
 from onnxbits.checkpoint import CheckpointSpec, checkpoint_path, remove_checkpoint, run_fingerprint
 from onnxbits.config import ShrinkConfig
 from onnxbits.cost import LayerBits, bit_cost
+from onnxbits.decode import ImageTensors
 from onnxbits.deploy import limit_clip_alphas, prepare_ort
 from onnxbits.device import configure_cpu
 from onnxbits.distributed import DistContext, close, init_from_env
@@ -35,7 +38,8 @@ from onnxbits.emit import emit
 from onnxbits.errors import ConfigError, InvalidModelError
 from onnxbits.evaluate import make_session, predict_logits
 from onnxbits.history import write_run_outputs
-from onnxbits.importer import convert, find_sites, float_layer_warnings, float_layers
+from onnxbits.importer import (
+    FloatLayer, Site, convert, find_sites, float_layer_warnings, float_layers)
 from onnxbits.insert import (
     QuantizedNetwork,
     attach_quantizers,
@@ -110,21 +114,30 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig,
         torch.set_num_threads(threads)
 
 
-def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
-            ctx: DistContext) -> ShrinkResult:
-    started = time.perf_counter()
-    stages = StageClock(on_event)
-    output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
-    report_path = output.with_suffix(".json")
-    original = load_model(model_path)
-    check_output_path(model_path, output)
-    found = quantized_nodes(original)
-    if found:
-        raise InvalidModelError(
-            f"{model_path}: already quantized (node '{found[0].name}' is {found[0].op_type}); "
-            "pass the float model")
-    cpu = configure_cpu(cfg.threads, keep_memory=ctx.device.type == "cpu")
-    torch.manual_seed(cfg.seed)
+@dataclass
+class _Inputs:
+    """What the fine-tune starts from: the normalized model and its float torch graph, the
+    quantizable sites and the layers left in float, both image splits with the float model's
+    logits on them (ONNX Runtime), the task loss and the warnings so far."""
+
+    model: onnx.ModelProto
+    float_graph: fx.GraphModule
+    sites: list[Site]
+    floats: list[FloatLayer]
+    train: ImageTensors
+    evaluation: ImageTensors
+    split: dict[str, Any]
+    loss: str
+    teacher_train: np.ndarray
+    float_eval: np.ndarray
+    warnings: list[str]
+
+
+def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
+                 ctx: DistContext, stages: StageClock, on_event: Event | None) -> _Inputs:
+    """Import the model (``stages``: import), load the splits, and compute the float model's
+    logits on them (``stages``: teacher); user errors raise :class:`ConfigError` or
+    :class:`InvalidModelError`."""
     stages.start("import")
     model = normalize(original, str(model_path))
     float_graph = convert(model, str(model_path))
@@ -153,19 +166,13 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     teacher_train = predict_logits(session, train, batch_size=cfg.batch_size)
     float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
     check_labels(train, teacher_train.shape[1])
-    net = attach_quantizers(model, float_graph, sites, min_bits=cfg.min_bits,
-                            min_act_bits=cfg.act_floor,
-                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel",
-                            rounding=cfg.bit_rounding)
-    calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
-             for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
-    if cfg.target in ("ort", "pack"):
-        prepare_ort(model, net)
-    calibrate(net, calib)
-    if cfg.pin_ends:
-        pin_end_layers(net, cfg.max_bits)
-    objective, budget = budget_target(cfg, net)
-    tcfg = TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
+    return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
+                   teacher_train, float_eval, warnings)
+
+
+def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
+    """The fine-tune's configuration from the shrink options."""
+    return TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
                        bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=loss, temperature=cfg.temperature,
@@ -178,6 +185,48 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                        reconstruct_mirror=cfg.reconstruct_mirror,
                        augment=cfg.augment if cfg.augment in ("crop", "mix") else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
+
+
+def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
+                       ) -> tuple[QuantizedNetwork, list[torch.Tensor]]:
+    """The float graph with quantizers attached and calibrated on the first (at most 4)
+    fine-tune batches, and those batches."""
+    net = attach_quantizers(inputs.model, inputs.float_graph, inputs.sites,
+                            min_bits=cfg.min_bits, min_act_bits=cfg.act_floor,
+                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel",
+                            rounding=cfg.bit_rounding)
+    train = inputs.train
+    calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
+             for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
+    if cfg.target in ("ort", "pack"):
+        prepare_ort(inputs.model, net)
+    calibrate(net, calib)
+    if cfg.pin_ends:
+        pin_end_layers(net, cfg.max_bits)
+    return net, calib
+
+
+def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
+            ctx: DistContext) -> ShrinkResult:
+    started = time.perf_counter()
+    stages = StageClock(on_event)
+    output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
+    report_path = output.with_suffix(".json")
+    original = load_model(model_path)
+    check_output_path(model_path, output)
+    found = quantized_nodes(original)
+    if found:
+        raise InvalidModelError(
+            f"{model_path}: already quantized (node '{found[0].name}' is {found[0].op_type}); "
+            "pass the float model")
+    cpu = configure_cpu(cfg.threads, keep_memory=ctx.device.type == "cpu")
+    torch.manual_seed(cfg.seed)
+    inputs = _load_inputs(model_path, original, cfg, ctx, stages, on_event)
+    model, float_graph, train, warnings = (inputs.model, inputs.float_graph, inputs.train,
+                                           inputs.warnings)
+    net, calib = _quantized_network(cfg, inputs)
+    objective, budget = budget_target(cfg, net)
+    tcfg = _train_config(cfg, objective, inputs.loss)
     moved: list[str] = []
     rebalanced: list[dict[str, Any]] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
@@ -189,9 +238,10 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         controller = LambdaController(budget, start, tcfg.learn_steps(), net=net,
                                       objective=objective)
     freeze = _freezer(cfg, objective, budget, calib,
-                      calib_teachers(calib, teacher_train, cfg.batch_size), moved, rebalanced)
+                      calib_teachers(calib, inputs.teacher_train, cfg.batch_size), moved,
+                      rebalanced)
     fetch, resident = batch_fetcher(train, ctx.device)
-    teacher = torch.from_numpy(teacher_train)
+    teacher = torch.from_numpy(inputs.teacher_train)
     steps_run: list[StepRecord] = []
     blocks: list[dict[str, Any]] = []
 
@@ -230,20 +280,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     guard: dict[str, Any] = {}
     if cfg.max_drop is not None:
         stages.start("accuracy guard")
-        retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
-                                 alpha_lr=cfg.alpha_lr, loss=loss,
-                                 temperature=cfg.temperature, act_drop=cfg.act_drop,
-                                 seed=cfg.seed + 1, amp=cfg.amp_dtype())
-
-        def retune() -> None:
-            net.graph.to(ctx.device)
-            try:
-                fine_tune(net, fetch, teacher, len(train), retune_cfg)
-            finally:
-                net.graph.cpu()
-
-        guard = apply_guard(cfg, model, net, evaluation, float_eval, calib, teacher_train, retune)
+        guard = _guard(cfg, tcfg, inputs, net, calib, fetch, teacher, ctx.device)
     if cfg.target in ("ort", "pack"):
         limit_clip_alphas(model, net)
     stages.start("emit")
@@ -255,12 +292,12 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     emitted = emit(model, net, cfg.target, source=source)
     verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
     stages.start("evaluate")
-    report = build_report(cfg, emitted, net, evaluation, float_eval, ctx.device)
-    report["config"]["task_loss"] = loss
+    report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
+    report["config"]["task_loss"] = inputs.loss
     report.update(
-        model=str(model_path), output=str(output), data=split,
+        model=str(model_path), output=str(output), data=inputs.split,
         verification=verification.to_dict(), guard=guard, warnings=warnings,
-        float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in floats],
+        float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in inputs.floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
         rebalance=rebalanced,
@@ -272,6 +309,28 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     outputs = write_run_outputs(output, report, history)
     remove_checkpoint(ckpt.path)
     return ShrinkResult(output, report_path, report, history, outputs)
+
+
+def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: QuantizedNetwork,
+           calib: list[torch.Tensor], fetch: Callable[[np.ndarray], Any], teacher: torch.Tensor,
+           device: torch.device) -> dict[str, Any]:
+    """The accuracy guard (``net`` on the CPU); its retune is a frozen-bit fine-tune of
+    ``max(20, frozen steps / 3)`` steps on ``device``."""
+    retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
+                             batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
+                             alpha_lr=cfg.alpha_lr, loss=inputs.loss,
+                             temperature=cfg.temperature, act_drop=cfg.act_drop,
+                             seed=cfg.seed + 1, amp=cfg.amp_dtype())
+
+    def retune() -> None:
+        net.graph.to(device)
+        try:
+            fine_tune(net, fetch, teacher, len(inputs.train), retune_cfg)
+        finally:
+            net.graph.cpu()
+
+    return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_eval, calib,
+                       inputs.teacher_train, retune)
 
 
 def _freezer(cfg: ShrinkConfig, objective: str, budget: float | None, calib: list[torch.Tensor],
