@@ -325,27 +325,21 @@ def test_every_option_of_every_command_has_help() -> None:
         assert (command.help or "").strip(), name
 
 
-def test_random_crops_fine_tune_and_emit_a_verified_model(workspace: Path,
-                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize(("augment", "task_loss"), [("crop", "kd+ce"), ("mix", "kd")])
+def test_random_crops_and_mixes_fine_tune_and_emit_a_verified_model(
+        augment: str, task_loss: str, workspace: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
-                    "-o", out, "--augment", "crop")
+                    "-o", out, "--augment", augment)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["config"]["augment"] == "crop"
+    assert report["config"]["augment"] == augment
+    assert report["config"]["task_loss"] == task_loss      # mixes have no label: kd alone
     assert "n_train_views" not in report["data"]
     assert report["verification"]["max_steps"] <= 1 and out.is_file()
 
 
-def test_mixed_crops_distil_without_labels_and_refuse_a_label_loss(workspace: Path,
-                                                                   tmp_path: Path) -> None:
-    out = tmp_path / "m.onnx"
-    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
-                    "-o", out, "--augment", "mix")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["config"]["augment"] == "mix" and report["config"]["task_loss"] == "kd"
-    assert report["verification"]["max_steps"] <= 1 and out.is_file()
+def test_mixes_refuse_a_label_loss(workspace: Path, tmp_path: Path) -> None:
     before = files_under(workspace)
     refused = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST,
                      "-o", tmp_path / "n.onnx", "--augment", "mix", "--loss", "ce")
