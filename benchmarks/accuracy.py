@@ -108,6 +108,8 @@ ABLATIONS: dict[str, dict] = {
     "bias correction after the fine-tune (output means re-estimated)": {"bias_correction": True},
     "horizontal flips (each image and its mirror)": {"augment": "flip"},
     "random resized crops (new crop per step, float model as online teacher)": {"augment": "crop"},
+    "mixup of two random crops (float model as online teacher, distillation only)":
+        {"augment": "mix"},
     "bias learning rate 1e-3": {"bias_lr": 1e-3},
     "learned weight rounding (down/up, frozen phase)": {"weight_rounding": "learned"},
     "feature distillation (weight 1)": {"feature_kd": 1.0},
