@@ -145,8 +145,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                          f"got {cfg.loss!r}")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
-    run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), dist)
-    run.n_train = n_train
+    run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), n_train, dist)
     if checkpoint is not None and checkpoint.resume:
         _restore(run, checkpoint)
     if run.dist.active:
@@ -264,14 +263,13 @@ class _Run:
     """The mutable state of one fine-tune: what a checkpoint saves and restores."""
 
     def __init__(self, net: QuantizedNetwork, cfg: TrainConfig, batches: BatchSampler,
-                 dist: DistContext | None = None) -> None:
-        self.net, self.cfg, self.batches = net, cfg, batches
+                 n_train: int, dist: DistContext | None = None) -> None:
+        self.net, self.cfg, self.batches, self.n_train = net, cfg, batches, n_train
         self.device = net.device
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
         self.taps: FeatureTaps | None = None
         self.teacher_graph: nn.Module | None = None    # online teacher (augment crop / mix)
-        self.n_train = 0
         self.history: list[StepRecord] = []
         self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
