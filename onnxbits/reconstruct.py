@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from onnxbits.device import empty_rows, fast_layout
 from onnxbits.insert import QuantizedNetwork, QuantWeightLayer, first_output
 from onnxbits.quant.quantizer import BitQuantizer, qdrop
 
@@ -201,7 +202,7 @@ def _run_all(module: nn.Module, inputs: Tensor, batch: int) -> Tensor:
     for s in range(0, len(inputs), batch):
         chunk = first_output(module(inputs[s:s + batch]))
         if out is None:
-            out = chunk.new_empty((len(inputs), *chunk.shape[1:]))
+            out = empty_rows(chunk, len(inputs))
         out[s:s + len(chunk)] = chunk
     assert out is not None, "no inputs"
     return out
@@ -273,6 +274,7 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
             images = images[torch.from_numpy(np.sort(keep)).to(images.device)]
     if cfg.mirror:
         images = torch.cat([images, images.flip(-1)])
+    images = fast_layout(images)
     with qdrop(net.acts.values(), 0.0):
         return _reconstruct_blocks(net, blocks, images, cfg, on_block, wanted)
 
@@ -318,10 +320,11 @@ def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tens
 def gather_images(fetch: Callable[[np.ndarray], tuple[Tensor, object]], n: int,
                   cfg: ReconstructConfig, device: torch.device) -> Tensor:
     """The ``n`` fine-tune inputs in order, or ``cfg.max_images`` of them drawn without
-    replacement with ``cfg.seed`` (kept in order), on ``device``."""
+    replacement with ``cfg.seed`` (kept in order), on ``device`` (image batches on the CPU in
+    channels-last memory format, :func:`onnxbits.device.fast_layout`)."""
     idx = np.arange(n)
     if n > cfg.max_images:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.max_images, replace=False))
     chunks: Iterable[Tensor] = (fetch(idx[s:s + cfg.batch_size])[0]
                                 for s in range(0, len(idx), cfg.batch_size))
-    return torch.cat([c.to(device) for c in chunks])
+    return torch.cat([fast_layout(c.to(device)) for c in chunks])

@@ -56,7 +56,7 @@ from torch import Tensor, fx, nn
 from onnxbits.augment import apply_crops, apply_mix, sample_crops, sample_mixes, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
-from onnxbits.device import autocast, available_memory
+from onnxbits.device import autocast, available_memory, fast_layout
 from onnxbits.distributed import (
     DistContext, any_rank, average_gradients, broadcast_, local_world_size, shard)
 from onnxbits.errors import ConfigError
@@ -356,6 +356,7 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         x = _augmented(run, step, len(idx), x, fetch)
     elif teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
+    x = fast_layout(x)
     with autocast(run.device, cfg.amp):
         float_out = _float_pass(run, x)
         out = net(x)

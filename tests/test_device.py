@@ -15,10 +15,47 @@ from onnxbits.cli.main import main
 
 from onnxbits.config import ShrinkConfig
 from onnxbits.data import ImageTensors, Preprocess
-from onnxbits.device import ResidentImages, check_amp, resolve_device
+from onnxbits.device import ResidentImages, check_amp, empty_rows, fast_layout, resolve_device
 from onnxbits.errors import ConfigError
 from tests.builders import conv_relu_gemm
 from tests.test_cli_shrink import FAST, error_line, image_folder
+
+CHANNELS_LAST = torch.channels_last
+
+
+def test_fast_layout_makes_cpu_image_batches_channels_last_with_the_same_values() -> None:
+    x = torch.randn(3, 4, 5, 6)
+    y = fast_layout(x)
+    assert y.is_contiguous(memory_format=CHANNELS_LAST) and not y.is_contiguous()
+    assert torch.equal(y, x) and y.shape == x.shape
+    assert fast_layout(y) is y
+    flat = torch.randn(3, 4)
+    assert fast_layout(flat) is flat
+    rows = empty_rows(y, 7)
+    assert rows.shape == (7, 4, 5, 6) and rows.dtype == y.dtype
+    assert rows.is_contiguous(memory_format=CHANNELS_LAST) and not rows.is_contiguous()
+    assert empty_rows(x, 2).is_contiguous()
+    pooled = fast_layout(torch.randn(3, 4, 1, 1))    # both layouts at once: stays contiguous
+    assert empty_rows(pooled, 2).is_contiguous()
+
+
+def test_fine_tune_and_reconstruction_feed_channels_last_batches() -> None:
+    from onnxbits.reconstruct import ReconstructConfig, gather_images
+    from onnxbits.train import TrainConfig, fine_tune
+    from tests.conftest import calibrated_network
+
+    s = calibrated_network(conv_relu_gemm(classes=4))
+    assert s.graph is not None
+    seen: list[torch.Tensor] = []
+    hook = s.net.graph.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    fine_tune(s.net, lambda idx: (s.x[idx], None), s.teacher, len(s.x),
+              TrainConfig(steps=2, batch_size=8, lam=0.1))
+    hook.remove()
+    assert len(seen) == 2 and all(v.is_contiguous(memory_format=CHANNELS_LAST) for v in seen)
+    images = gather_images(lambda idx: (s.x[idx], None), len(s.x), ReconstructConfig(batch_size=4),
+                           torch.device("cpu"))
+    assert images.is_contiguous(memory_format=CHANNELS_LAST) and torch.equal(images, s.x)
+
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
