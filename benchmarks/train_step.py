@@ -31,7 +31,9 @@ The process is set up as a shrink is: ``OMP_WAIT_POLICY=PASSIVE`` unless set (be
 loads), :func:`onnxbits.device.configure_cpu` (``--release-memory`` gives freed memory back), and
 activation quantizers that absorb the Relu/Relu6 before them (``--no-fuse`` keeps them apart).
 ``--foreach`` uses ``Adam(foreach=True)``; several ``--kernel`` values add one ``learn``/``frozen``
-pair per quantizer kernel.
+pair per quantizer kernel. The batch is in the memory format the fine-tune gives it
+(:func:`onnxbits.device.fast_layout`: channels-last for images on the CPU); ``--compare-layout``
+adds ``float``/``learn``/``frozen`` steps on the same batch in contiguous (NCHW) format.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ import torch  # noqa: E402
 
 from onnxbits.budget import LambdaController  # noqa: E402
 from onnxbits.cost import bit_cost  # noqa: E402
-from onnxbits.device import autocast, configure_cpu  # noqa: E402
+from onnxbits.device import autocast, configure_cpu, fast_layout  # noqa: E402
 from onnxbits.importer import convert, find_sites  # noqa: E402
 from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits  # noqa: E402
 from onnxbits.io import load_model  # noqa: E402
@@ -214,17 +216,15 @@ def build(args: argparse.Namespace) -> tuple[list[Variant], dict]:
         n_out = float_graph(x[:1]).shape[-1]
     teacher = torch.randn(args.batch_size, n_out, generator=gen).to(device)
     cfg = TrainConfig()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = x.to(device)
-    if args.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=memory_format)
+    contiguous = x.to(device)
+    x = fast_layout(contiguous)      # the batches' memory format in the fine-tune
     float_graph.to(device).eval()
     net.graph.to(device).eval()
-    if args.channels_last:
-        float_graph.to(memory_format=memory_format)
-        net.graph.to(memory_format=memory_format)
     variants = [Variant("float", make_float_step(float_graph, x, teacher, cfg, device, args.amp,
                                                  args.foreach))]
+    if args.compare_layout:
+        variants.append(Variant("float [contiguous]", make_float_step(
+            float_graph, contiguous, teacher, cfg, device, args.amp, args.foreach)))
     kernels = args.kernel.split(",") if args.kernel else [None]
     frozen_net = copy.deepcopy(net)
     freeze_all(frozen_net)
@@ -237,7 +237,13 @@ def build(args: argparse.Namespace) -> tuple[list[Variant], dict]:
             step = make_quant_step(trained, x, teacher, cfg, phase == "frozen", device, args.amp,
                                    args.foreach, controller)
             variants.append(Variant(phase + (f" [{k}]" if len(kernels) > 1 else ""), step, k))
+            if args.compare_layout and phase != "budget":
+                step = make_quant_step(copy.deepcopy(trained), contiguous, teacher, cfg,
+                                       phase == "frozen", device, args.amp, args.foreach)
+                variants.append(Variant(phase + " [contiguous]", step, k))
+    layout = "channels_last" if x.dim() == 4 and not x.is_contiguous() else "contiguous"
     info = {"model": path.name, "input_shape": list(shape), "sites": len(sites),
+            "input_layout": layout,
             "act_quantizers": len(net.acts), "fused_relu": fused}
     return variants, info
 
@@ -293,12 +299,12 @@ def report(variants: list[Variant], info: dict, args: argparse.Namespace) -> dic
     result = {**info, "batch_size": args.batch_size, "device": args.device,
               "device_name": device_name, "threads": torch.get_num_threads(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-              "channels_last": args.channels_last, "amp": args.amp, "steps": args.steps,
+              "input_layout": info["input_layout"], "amp": args.amp, "steps": args.steps,
               "torch": torch.__version__, "peak_rss_mb": rss, "rows": rows}
     print(f"{info['model']}  batch {args.batch_size}  {args.device} ({device_name}), "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={result['omp_wait_policy']}, "
           f"keep freed memory={info['cpu_settings']['keep_freed_memory']}, "
-          f"channels_last={args.channels_last}, amp={args.amp}, fused relu={info['fused_relu']}, "
+          f"input {info['input_layout']}, amp={args.amp}, fused relu={info['fused_relu']}, "
           f"{args.steps} steps")
     print(f"{'variant':<20}{'median s':>9}{'min s':>8}{'ratio':>7}{'r(min)':>7}{'r(cpu)':>7}"
           f"{'img/s':>8}{'saved MB':>9}{'faults':>8}{'first s':>8}{'ops':>7}"
@@ -360,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="average-bits budget of the 'budget' variant's shift")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compare-layout", action="store_true",
+                        help="add float/learn/frozen steps on the batch in contiguous (NCHW) "
+                             "memory format, timed in the same rounds")
     parser.add_argument("--no-fuse", action="store_true",
                         help="keep each Relu/Relu6 apart from the activation quantizer after it")
     parser.add_argument("--foreach", action="store_true", default=None,
