@@ -19,7 +19,7 @@ import torch
 
 from onnxbits.config import ShrinkConfig
 from onnxbits.data import ImageTensors
-from onnxbits.device import device_name
+from onnxbits.device import device_name, fast_layout
 from onnxbits.distributed import DistContext
 from onnxbits.emit import emit
 from onnxbits.evaluate import agreement, make_session, predict_logits, topk_accuracy
@@ -43,7 +43,7 @@ def torch_logits(net: QuantizedNetwork, tensors: ImageTensors, batch_size: int) 
     parts = []
     for start in range(0, len(tensors), batch_size):
         idx = np.arange(start, min(start + batch_size, len(tensors)))
-        x = torch.from_numpy(tensors.batch(idx)).to(device)
+        x = fast_layout(torch.from_numpy(tensors.batch(idx)).to(device))
         parts.append(net(x).float().cpu().numpy())
     return np.concatenate(parts)
 
