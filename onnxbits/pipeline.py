@@ -71,6 +71,7 @@ from onnxbits.run_report import (
 )
 from onnxbits.run_report import torch_logits as torch_logits
 from onnxbits.train import StepRecord, TrainConfig, fine_tune, freeze_all
+from onnxbits.train_config import ONLINE_AUGMENTS
 from onnxbits.verify import verify
 
 __all__ = ["ShrinkResult", "budget_target", "check_batch_size", "check_output_path",
@@ -183,7 +184,7 @@ def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
                        reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
                        reconstruct_drop=cfg.reconstruct_drop,
                        reconstruct_mirror=cfg.reconstruct_mirror,
-                       augment=cfg.augment if cfg.augment in ("crop", "mix") else "none",
+                       augment=cfg.augment if cfg.augment in ONLINE_AUGMENTS else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
 
 

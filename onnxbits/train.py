@@ -17,8 +17,9 @@ per block, after the learned rounding has started if it is on; without a phase 2
 final freeze, and with ``weight_rounding="learned"`` it then learns the roundings; QDrop inside it
 is ``reconstruct_drop``, not ``act_drop``; its stored tensors take at most
 ``RECONSTRUCT_MEMORY_SHARE`` of the device's free memory, with fewer images if need be).
-With ``act_drop = p > 0`` (QDrop) each activation element keeps its float value with probability ``p`` in both phases (see
-:class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network quantizes every element.
+With ``act_drop = p > 0`` (QDrop) each activation element keeps its float value with probability
+``p`` in both phases (see :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network
+quantizes every element.
 
 The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || softmax(s/T))``
 (no labels needed), or cross-entropy with labels. Logits shaped ``(N, C, 1, 1)`` are read as
@@ -157,7 +158,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     net.graph.eval()
     if float_graph is not None:
         float_graph.eval()
-        run.teacher_graph = float_graph if cfg.augment in ("crop", "mix") else None
+        run.teacher_graph = float_graph if cfg.online_teacher() else None
         if cfg.feature_kd > 0:
             run.taps = FeatureTaps(net, float_graph)
     with (deferred_interrupt(enabled=checkpoint is not None) as guard,

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MAX_SHARPNESS", "TrainConfig"]
+__all__ = ["MAX_SHARPNESS", "ONLINE_AUGMENTS", "TrainConfig"]
 
 
+#: Augmentations drawn anew at every step, with the float graph's output on them as teacher
+#: (:mod:`onnxbits.augment`); ``flip`` is not one: its mirror images are fixed inputs.
+ONLINE_AUGMENTS = ("crop", "mix")
 MAX_SHARPNESS = 100.0   # h at the end of bit annealing: a_h in (0, 1) only where |a - 1/2| < 0.005
 
 
@@ -33,7 +36,7 @@ class TrainConfig:
     feature_kd: float = 0.0              # weight of the feature loss (needs the float graph)
     weight_rounding: str = "nearest"     # nearest | learned (frozen phase)
     rounding_lr: float = 1e-2            # Adam, rounding logits V
-    augment: str = "none"                # none | crop | mix (float graph as teacher)
+    augment: str = "none"                # none | one of ONLINE_AUGMENTS
     bit_anneal: float = 0.0              # fraction of the learning phase that sharpens bits
     reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
     reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
@@ -53,10 +56,14 @@ class TrainConfig:
         return int(round(0.8 * self.n_frozen()))
 
     def needs_float_graph(self) -> bool:
-        """Feature distillation and random crops (and mixes) run the float graph at every step, block
-        reconstruction block by block."""
-        return (self.feature_kd > 0 or self.augment in ("crop", "mix")
-                or self.reconstruct_steps > 0)
+        """Feature distillation and online augmentations run the float graph at every step,
+        block reconstruction block by block."""
+        return self.feature_kd > 0 or self.online_teacher() or self.reconstruct_steps > 0
+
+    def online_teacher(self) -> bool:
+        """Whether every step draws new inputs (``ONLINE_AUGMENTS``) and the float graph's
+        output on them is the teacher."""
+        return self.augment in ONLINE_AUGMENTS
 
     def sharpness(self, step: int) -> float:
         """Interpolation sharpness ``h`` at a learning ``step``: 1, and over the last
