@@ -23,6 +23,9 @@ integer cost then lies outside the band ``[B - tolerance, B]`` (a budget is not 
 groups closest to their rounding boundary move to the other integer (down when over budget, up
 when more than ``tolerance`` under), one at a time and only when the move brings the cost closer
 to the band, until it is inside or no move helps.
+
+:func:`budget_target` turns ``--target-bits`` / ``--target-size`` / ``--target-bops`` into the
+objective and the budget in cost units, refusing budgets the bit bounds cannot reach.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from onnxbits.cost import bit_cost
+from onnxbits.config import ShrinkConfig
+from onnxbits.cost import LayerBits, bit_cost
+from onnxbits.errors import ConfigError
 from onnxbits.insert import QuantizedNetwork, layer_bits
 from onnxbits.quant.quantizer import BitQuantizer, sharpened_bits
 
@@ -245,3 +250,39 @@ def describe_move(name: str, rounded: torch.Tensor, final: torch.Tensor) -> str 
         return f"{name}: {float(rounded[0]):.0f} -> {float(final[0]):.0f}"
     way = "down" if float(final[changed[0]]) < float(rounded[changed[0]]) else "up"
     return f"{name}: {len(changed)} channel(s) moved {way} by one bit"
+
+
+def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float | None]:
+    """The objective and the budget in cost units (see :mod:`onnxbits.cost`).
+
+    ``--target-size MB`` -> memory cost ``MB * 8e6 / sum P_i`` (bits per weight);
+    ``--target-bops G`` -> BOPs cost ``G * 1e9 / (8 sum M_i)``.
+    """
+    objective = cfg.budget_objective()
+    if objective is None:
+        return cfg.objective, None
+    layers = layer_bits(net)
+    if objective == "bits":
+        value = float(cfg.target_bits)
+    elif objective == "memory":
+        value = cfg.target_size_mb * 8e6 / sum(l.params for l in layers)
+    else:
+        value = cfg.target_bops_g * 1e9 / (8.0 * sum(l.macs for l in layers))
+    low = float(bit_cost(objective, _uniform(layers, cfg.min_bits, cfg.act_floor)))
+    high = float(bit_cost(objective, _uniform(layers, cfg.max_bits, cfg.max_bits)))
+    if not low - 1e-6 <= value <= high + 1e-6:
+        option = {"bits": "--target-bits", "memory": "--target-size",
+                  "bops": "--target-bops"}[objective]
+        hint = (f"lower --min-act-bits (activations stay at >= {cfg.act_floor} bits) or change "
+                "the budget" if value < low and cfg.act_floor > cfg.min_bits else
+                "change the budget")
+        raise ConfigError(f"{option} is outside what --min-bits/--min-act-bits/--max-bits allow "
+                          f"for this model (cost {value:.2f}, possible {low:.2f} to "
+                          f"{high:.2f}); {hint}")
+    return objective, value
+
+
+def _uniform(layers: list[LayerBits], weight_bits: int, act_bits: int) -> list[LayerBits]:
+    w, a = torch.tensor(float(weight_bits)), torch.tensor(float(act_bits))
+    return [LayerBits(w, a if l.act_bits is not None else None, l.params, l.macs)
+            for l in layers]

@@ -25,11 +25,11 @@ import onnx
 import torch
 from torch import fx
 
-from onnxbits.budget import LambdaController, freeze_to_budget
+from onnxbits.budget import LambdaController, budget_target, freeze_to_budget
 from onnxbits.biascorr import correct_biases
 from onnxbits.checkpoint import CheckpointSpec, checkpoint_path, remove_checkpoint, run_fingerprint
 from onnxbits.config import ShrinkConfig
-from onnxbits.cost import LayerBits, bit_cost
+from onnxbits.cost import bit_cost
 from onnxbits.decode import ImageTensors
 from onnxbits.deploy import limit_clip_alphas, prepare_ort
 from onnxbits.device import configure_cpu
@@ -364,39 +364,3 @@ def _resume_options(cfg: ShrinkConfig) -> dict[str, Any]:
     """The options a resumed run must share (all but output, threads and checkpointing)."""
     skip = {"output", "threads", "checkpoint_every", "resume"}
     return {k: v for k, v in config_dict(cfg).items() if k not in skip}
-
-
-def budget_target(cfg: ShrinkConfig, net: QuantizedNetwork) -> tuple[str, float | None]:
-    """The objective and the budget in cost units (see :mod:`onnxbits.cost`).
-
-    ``--target-size MB`` -> memory cost ``MB * 8e6 / sum P_i`` (bits per weight);
-    ``--target-bops G`` -> BOPs cost ``G * 1e9 / (8 sum M_i)``.
-    """
-    objective = cfg.budget_objective()
-    if objective is None:
-        return cfg.objective, None
-    layers = layer_bits(net)
-    if objective == "bits":
-        value = float(cfg.target_bits)
-    elif objective == "memory":
-        value = cfg.target_size_mb * 8e6 / sum(l.params for l in layers)
-    else:
-        value = cfg.target_bops_g * 1e9 / (8.0 * sum(l.macs for l in layers))
-    low = float(bit_cost(objective, _uniform(layers, cfg.min_bits, cfg.act_floor)))
-    high = float(bit_cost(objective, _uniform(layers, cfg.max_bits, cfg.max_bits)))
-    if not low - 1e-6 <= value <= high + 1e-6:
-        option = {"bits": "--target-bits", "memory": "--target-size",
-                  "bops": "--target-bops"}[objective]
-        hint = (f"lower --min-act-bits (activations stay at >= {cfg.act_floor} bits) or change "
-                "the budget" if value < low and cfg.act_floor > cfg.min_bits else
-                "change the budget")
-        raise ConfigError(f"{option} is outside what --min-bits/--min-act-bits/--max-bits allow "
-                          f"for this model (cost {value:.2f}, possible {low:.2f} to "
-                          f"{high:.2f}); {hint}")
-    return objective, value
-
-
-def _uniform(layers: list[LayerBits], weight_bits: int, act_bits: int) -> list[LayerBits]:
-    w, a = torch.tensor(float(weight_bits)), torch.tensor(float(act_bits))
-    return [LayerBits(w, a if l.act_bits is not None else None, l.params, l.macs)
-            for l in layers]
