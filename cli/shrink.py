@@ -21,8 +21,6 @@ from onnxbits.config import (
     GRANULARITIES,
     LOSSES,
     RECIPES,
-    ROUNDINGS,
-    WEIGHT_ROUNDINGS,
     ShrinkConfig,
 )
 from onnxbits.cost import OBJECTIVES
@@ -104,26 +102,10 @@ class _ProgressView:
               help="Adam learning rate of the biases [default: --lr].")
 @click.option("--augment", type=click.Choice(AUGMENTS), default="none", show_default=True,
               help="flip: fine-tune on each image and its horizontal mirror (teacher logits of "
-                   "both computed once); crop: a fresh random resized crop (25-100%% of the "
-                   "area, mirrored half the time) of every image at every step, the float "
-                   "model's logits on it as teacher; mix: crop, then mixup of each crop with a "
-                   "crop of a random other image (weight U(0,1)), distillation only. For "
-                   "natural images, not text or digits.")
+                   "both computed once). For natural images, not text or digits.")
 @click.option("--alpha-lr", type=float, default=1e-2, show_default=True,
               help="Adam learning rate of the clip values (log-parametrised); 0 keeps the "
                    "calibrated min-max values.")
-@click.option("--bit-rounding", type=click.Choice(ROUNDINGS), default="interp", show_default=True,
-              help="How a fractional bitlength quantizes while it is learned: interp = "
-                   "BitPruning's floor/ceil interpolation, ste = round-STE (slower, an ablation).")
-@click.option("--bit-anneal", type=float, default=0.0, show_default=True, metavar="F",
-              help="Over the last fraction F of the learning phase, sharpen the floor/ceil "
-                   "interpolation of each fractional bitlength geometrically from 1x to 100x, "
-                   "so that the network meets its integer bits before they are frozen (0: off).")
-@click.option("--bias-correction", is_flag=True,
-              help="After the fine-tune, shift each layer's bias so that its per-channel output "
-                   "mean matches the float model's on the calibration images.")
-@click.option("--pin-ends", is_flag=True,
-              help="Keep the first and the last layer (weights and input) at --max-bits.")
 @click.option("--bits-lr", type=float, default=None,
               help="Adam learning rate of the bitlengths (default 2 (max-min) / learning steps).")
 @click.option("--lambda", "lam", type=float, default=0.05, show_default=True,
@@ -148,20 +130,6 @@ class _ProgressView:
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Distillation temperature T: kd = T^2 KL(softmax(teacher/T) || "
                    "softmax(student/T)).")
-@click.option("--act-drop", type=float, default=0.0, show_default=True, metavar="P",
-              help="QDrop: during the fine-tune each activation value skips quantization with "
-                   "probability P (0: never).")
-@click.option("--feature-kd", type=float, default=0.0, show_default=True, metavar="W",
-              help="Add W x the feature loss: each quantized layer's output against the float "
-                   "model's (relative squared error, averaged over layers).")
-@click.option("--weight-rounding", type=click.Choice(WEIGHT_ROUNDINGS), default="nearest",
-              show_default=True,
-              help="learned = learn whether each weight rounds down or up in the first 80 % of "
-                   "the frozen-bit phase (AdaRound's parametrisation, hard roundings with a "
-                   "straight-through gradient) instead of fine-tuning the weights there; with "
-                   "--frozen-steps 0 --reconstruct K the block reconstruction learns them.")
-@click.option("--rounding-lr", type=float, default=1e-2, show_default=True,
-              help="Learning rate of the rounding logits (--weight-rounding learned).")
 @click.option("--reconstruct", type=int, default=0, show_default=True, metavar="K",
               help="At the start of the frozen-bit phase, train each block of the network "
                    "(residual blocks whole, at least 3 layers) for K steps to reproduce the "
@@ -169,16 +137,6 @@ class _ProgressView:
                    "With --frozen-steps 0 it replaces the frozen-bit fine-tune.")
 @click.option("--reconstruct-lr", type=float, default=1e-4, show_default=True,
               help="Adam learning rate of weights and biases during --reconstruct.")
-@click.option("--reconstruct-drop", type=float, default=0.0, show_default=True, metavar="P",
-              help="QDrop during --reconstruct: while a block trains, each of its activations "
-                   "keeps its float value with probability P (0: off).")
-@click.option("--reconstruct-mirror", is_flag=True,
-              help="Reconstruct on the fine-tune images and their horizontal mirror images "
-                   "(twice the inputs, memory and time of --reconstruct).")
-@click.option("--rebalance", type=int, default=0, show_default=True, metavar="R",
-              help="After the freeze, R rounds of moving single bits from the layers that need "
-                   "them least to those that gain most, measured by the distillation loss on "
-                   "fine-tune images, at no more than the budget (or the frozen cost); 0: off.")
 @click.option("--min-bits", type=int, default=2, show_default=True, help="Smallest bitlength.")
 @click.option("--min-act-bits", type=int, default=None,
               help="Smallest activation bitlength [default: the larger of --min-bits and 3, at "
@@ -235,11 +193,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
         if context.get_parameter_source(key) is ParameterSource.DEFAULT:
             options[key] = value
     keys = ("steps", "frozen_steps", "batch_size", "lr", "bias_lr", "augment", "alpha_lr",
-            "bit_rounding", "bit_anneal", "pin_ends", "bias_correction", "bits_lr", "lam",
-            "objective", "loss",
-            "temperature", "act_drop", "feature_kd", "weight_rounding", "rounding_lr",
-            "reconstruct", "reconstruct_lr", "reconstruct_drop", "reconstruct_mirror",
-            "rebalance",
+            "bits_lr", "lam", "objective", "loss", "temperature", "reconstruct", "reconstruct_lr",
             "min_bits", "min_act_bits", "max_bits", "granularity", "target", "device", "amp",
             "seed",
             "eval_fraction", "max_train_images", "threads", "include", "eval_include",
@@ -293,12 +247,6 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     v = result.report["verification"]
     out.print(f"verified in ONNX Runtime: max {v['max_steps']:.2f} quantization steps "
               f"over {v['tensors']} tensors")
-    rounds = result.report.get("rebalance") or []
-    if rounds:
-        moves = sum(len(r["moves"]) for r in rounds)
-        out.print(f"rebalanced: {moves} one-bit move(s) in {len(rounds)} round(s), distillation "
-                  f"KL on fine-tune images {rounds[0]['kl_before']:.4g} -> "
-                  f"{rounds[-1]['kl_after']:.4g}")
     guard = result.report.get("guard") or {}
     if guard and not guard.get("held"):
         click.echo(f"Warning: --max-drop {guard['max_drop']} did not hold: the drop is "

@@ -40,7 +40,7 @@ from onnxbits.config import ShrinkConfig
 from onnxbits.cost import LayerBits, bit_cost
 from onnxbits.errors import ConfigError
 from onnxbits.insert import QuantizedNetwork, layer_bits
-from onnxbits.quant.quantizer import BitQuantizer, sharpened_bits
+from onnxbits.quant.quantizer import BitQuantizer
 
 
 @dataclass
@@ -96,9 +96,7 @@ class ShiftedCost:
     """The cost after shifting the learnable bitlengths of ``shifted`` by candidate amounts,
     ``c(s) = cost(clamp(n - s, min_bits, max_bits))``, for a whole batch of ``s`` at once (one
     pass over a ``(m, N)`` matrix of the N shifted bitlengths instead of m passes over the
-    network); the other quantizers keep their :meth:`BitQuantizer.effective_bits`. While the
-    interpolation is sharpened (bit annealing) the cost is that of the sharpened bitlengths
-    (:func:`onnxbits.quant.fakequant.sharpened_bits`), the bits the network computes with."""
+    network); the other quantizers keep their :meth:`BitQuantizer.effective_bits`."""
 
     def __init__(self, net: QuantizedNetwork, objective: str,
                  shifted: list[BitQuantizer]) -> None:
@@ -115,8 +113,6 @@ class ShiftedCost:
             torch.tensor([float(q.min_bits) for q in shifted], device=device), sizes)
         self.high = torch.repeat_interleave(
             torch.tensor([float(q.max_bits) for q in shifted], device=device), sizes)
-        self.sharpness = torch.repeat_interleave(
-            torch.tensor([q.interp_sharpness() for q in shifted], device=device), sizes)
 
     def bits(self, s: Tensor) -> Tensor:
         """``clamp(n - s, min, max)`` for each shift: shape ``(len(s), N)``."""
@@ -125,8 +121,6 @@ class ShiftedCost:
     def __call__(self, s: Tensor) -> Tensor:
         """The cost at each shift in ``s`` (1-d): shape ``(len(s),)``."""
         bits = self.bits(s)
-        if bool((self.sharpness != 1).any()):
-            bits = sharpened_bits(bits, self.low, self.high, self.sharpness)
         means = torch.zeros(len(s), len(self.count), dtype=bits.dtype, device=bits.device)
         means = means.index_add_(1, self.group, bits) / self.count
 

@@ -9,13 +9,11 @@ from onnxbits.cost import OBJECTIVES
 from onnxbits.data import Preprocess
 from onnxbits.emit import TARGETS
 from onnxbits.errors import ConfigError
-from onnxbits.quant.quantizer import ROUNDINGS
 
 LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
-WEIGHT_ROUNDINGS = ("nearest", "learned")
-AUGMENTS = ("none", "flip", "crop", "mix")
+AUGMENTS = ("none", "flip")
 # Activations below 3 bits cost more accuracy than the bits they free (README, recipe ablation).
 DEFAULT_ACT_FLOOR = 3
 #: ``--recipe``: named sets of ShrinkConfig values that replace the defaults (options given
@@ -48,10 +46,6 @@ class ShrinkConfig:
     bias_lr: float | None = None
     alpha_lr: float = 1e-2
     augment: str = "none"
-    bit_rounding: str = "interp"
-    bit_anneal: float = 0.0
-    pin_ends: bool = False
-    bias_correction: bool = False
     bits_lr: float | None = None
     lam: float = 0.05
     target_bits: float | None = None
@@ -61,15 +55,8 @@ class ShrinkConfig:
     objective: str = "bits"
     loss: str = "auto"
     temperature: float = 1.0
-    act_drop: float = 0.0
-    feature_kd: float = 0.0
-    weight_rounding: str = "nearest"
-    rounding_lr: float = 1e-2
     reconstruct: int = 0
     reconstruct_lr: float = 1e-4
-    reconstruct_drop: float = 0.0
-    reconstruct_mirror: bool = False
-    rebalance: int = 0
     min_bits: int = 2
     min_act_bits: int | None = None
     max_bits: int = 8
@@ -86,18 +73,10 @@ class ShrinkConfig:
     resume: bool = False
     skip_unsupported: bool = True
 
-    @classmethod
-    def from_recipe(cls, recipe: str, **fields: object) -> ShrinkConfig:
-        """The config of :data:`RECIPES` ``[recipe]`` with ``fields`` on top of it."""
-        if recipe not in RECIPES:
-            raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-        return cls(**{**RECIPES[recipe], **fields})  # type: ignore[arg-type]
-
     def task_loss(self, has_labels: bool) -> str:
-        """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``
-        (always ``kd`` with ``--augment mix``: mixed images have no label)."""
+        """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``."""
         if self.loss == "auto":
-            return "kd+ce" if has_labels and self.augment != "mix" else "kd"
+            return "kd+ce" if has_labels else "kd"
         return self.loss
 
     def budget_objective(self) -> str | None:
@@ -137,26 +116,11 @@ class ShrinkConfig:
              f"--bias-lr must be >= 0, got {self.bias_lr}"),
             (self.augment in AUGMENTS,
              f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
-            (self.augment != "mix" or self.loss in ("auto", "kd"),
-             f"--augment mix needs --loss kd or auto (mixed images have no label), "
-             f"got --loss {self.loss}"),
-            (self.bit_rounding in ROUNDINGS,
-             f"--bit-rounding must be one of {', '.join(ROUNDINGS)}, got {self.bit_rounding!r}"),
-            (0 <= self.bit_anneal <= 1, f"--bit-anneal must be in [0, 1], got {self.bit_anneal}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0 <= self.act_drop < 1, f"--act-drop must be in [0, 1), got {self.act_drop}"),
-            (self.feature_kd >= 0, f"--feature-kd must be >= 0, got {self.feature_kd}"),
-            (self.weight_rounding in WEIGHT_ROUNDINGS,
-             f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
-             f"got {self.weight_rounding!r}"),
-            (self.rounding_lr >= 0, f"--rounding-lr must be >= 0, got {self.rounding_lr}"),
             (self.reconstruct >= 0, f"--reconstruct must be >= 0, got {self.reconstruct}"),
             (self.reconstruct_lr >= 0,
              f"--reconstruct-lr must be >= 0, got {self.reconstruct_lr}"),
-            (0 <= self.reconstruct_drop < 1,
-             f"--reconstruct-drop must be in [0, 1), got {self.reconstruct_drop}"),
-            (self.rebalance >= 0, f"--rebalance must be >= 0, got {self.rebalance}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),

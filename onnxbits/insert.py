@@ -31,7 +31,6 @@ from torch import Tensor, fx, nn
 from onnxbits.cost import LayerBits
 from onnxbits.importer import CONV_TYPES, Site, is_unsigned_tensor
 from onnxbits.quant.quantizer import BitQuantizer
-from onnxbits.quant.rounding import LearnedRounding
 
 
 def first_output(out: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
@@ -51,7 +50,6 @@ class QuantWeightLayer(nn.Module):
         if matmul_weight is not None:
             self.weight = nn.Parameter(matmul_weight.detach().clone())
         self.macs_per_sample = 0
-        self.rounding: LearnedRounding | None = None
 
     def float_weight(self) -> nn.Parameter:
         """The trainable float weight (torch layout)."""
@@ -62,10 +60,7 @@ class QuantWeightLayer(nn.Module):
         return None if self.site_op == "MatMul" else self.inner.bias
 
     def forward(self, x: Tensor, *ignored: Tensor) -> Tensor:
-        if self.rounding is not None:
-            w = self.rounding().to(self.float_weight().dtype)
-        else:
-            w = self.wq(self.float_weight())
+        w = self.wq(self.float_weight())
         if self.site_op == "Conv":
             return self.inner._conv_forward(x, w, self.inner.bias)
         if self.site_op == "Gemm":
@@ -103,25 +98,6 @@ class QuantizedNetwork:
         return ([(f"{node} (weights)", layer.wq) for node, layer in self.layers.items()]
                 + [(f"{tensor} (activation)", q) for tensor, q in self.acts.items()])
 
-    def start_learned_rounding(self) -> None:
-        """Round every site weight with a :class:`LearnedRounding` at its frozen bits."""
-        for layer in self.layers.values():
-            layer.rounding = LearnedRounding(layer.float_weight(), layer.wq)
-
-    def finish_learned_rounding(self) -> None:
-        """Replace every float weight by its hard learned rounding (a grid point) and go back to
-        the frozen quantizers."""
-        for layer in self.layers.values():
-            if layer.rounding is not None:
-                with torch.no_grad():
-                    weight = layer.float_weight()
-                    weight.copy_(layer.rounding.hard_weight().to(weight.dtype))
-                layer.rounding = None
-
-    def roundings(self) -> list[LearnedRounding]:
-        """The active learned roundings (empty outside the learned-rounding phase)."""
-        return [layer.rounding for layer in self.layers.values() if layer.rounding is not None]
-
     def bit_parameters(self) -> list[nn.Parameter]:
         """The learnable bitlengths."""
         return [q.bits for q in self.quantizers()]
@@ -130,10 +106,6 @@ class QuantizedNetwork:
         """The learnable clip values (log-parametrised); activations only without ``weights``."""
         quantizers = self.quantizers() if weights else list(self.acts.values())
         return [q.log_alpha for q in quantizers]
-
-    def weight_parameters(self) -> list[nn.Parameter]:
-        """Site weights and biases: the only float parameters that are fine-tuned."""
-        return [*self.kernel_parameters(), *self.bias_parameters()]
 
     def kernel_parameters(self) -> list[nn.Parameter]:
         """Site weights (without biases)."""
@@ -202,15 +174,11 @@ def _fuse_producer(gm: fx.GraphModule, node: fx.Node, quantizer: BitQuantizer) -
 def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites: list[Site], *,
                       min_bits: int = 2, max_bits: int = 8, per_channel_bits: bool = False,
                       quantize_acts: bool = True, fuse_activations: bool = True,
-                      rounding: str = "interp",
                       min_act_bits: int | None = None) -> QuantizedNetwork:
     """Deep-copy ``float_graph`` and attach weight and activation quantizers at ``sites``.
 
     Weight bitlengths live in ``[min_bits, max_bits]``, activation bitlengths in
     ``[min_act_bits, max_bits]`` (``min_act_bits`` defaults to ``min_bits``).
-
-    ``rounding`` is how every quantizer treats its fractional bitlength while it is learned
-    (:class:`onnxbits.quant.quantizer.BitQuantizer`).
 
     ``fuse_activations`` lets activation quantizers absorb the Relu/Relu6 that produces their
     tensor (module docstring); the outputs and gradients are the same either way.
@@ -234,7 +202,7 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
         axis = 1 if site.op == "MatMul" else 0
         wq = BitQuantizer(signed=True, narrow=True, num_channels=weight.shape[axis],
                           channel_axis=axis, per_channel_bits=per_channel_bits,
-                          min_bits=min_bits, max_bits=max_bits, rounding=rounding)
+                          min_bits=min_bits, max_bits=max_bits)
         reduce_dims = [d for d in range(weight.dim()) if d != axis]
         wq.init_alpha(weight.detach().abs().amax(dim=reduce_dims))
         layer = QuantWeightLayer(site, module, wq, matmul_weight)
@@ -253,8 +221,7 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
             if producer is None:
                 continue
             quantizer = BitQuantizer(signed=not is_unsigned_tensor(model, site.input),
-                                     min_bits=act_floor, max_bits=max_bits,
-                                     rounding=rounding)
+                                     min_bits=act_floor, max_bits=max_bits)
             name = f"onnxbits_act_{len(acts)}"
             gm.add_submodule(name, quantizer)
             with gm.graph.inserting_after(producer):
@@ -314,21 +281,6 @@ def calibrate(net: QuantizedNetwork, batches: list[Tensor]) -> None:
     for tensor, q in net.acts.items():
         if stats[tensor]:
             q.init_alpha(torch.stack(stats[tensor]).mean())
-
-
-def pin_end_layers(net: QuantizedNetwork, bits: int) -> list[str]:
-    """Freeze the first and the last layer (weights and input activation) at ``bits``.
-
-    Frozen quantizers keep their bits through the freeze, budget shifts and nudges. Returns the
-    pinned site nodes.
-    """
-    ends = list(dict.fromkeys([net.sites[0].node, net.sites[-1].node]))
-    for node in ends:
-        net.layers[node].wq.freeze(torch.tensor(float(bits)))
-        tensor = net.layer_act.get(node)
-        if tensor in net.acts:
-            net.acts[tensor].freeze(torch.tensor(float(bits)))
-    return ends
 
 
 def layer_bits(net: QuantizedNetwork,

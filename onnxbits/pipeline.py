@@ -1,5 +1,4 @@
-"""``shrink``: import -> quantize -> fine-tune -> freeze (-> rebalance) -> emit -> verify -> evaluate
--> write.
+"""``shrink``: import -> quantize -> fine-tune -> freeze -> emit -> verify -> evaluate -> write.
 
 The fine-tune runs on ``--device`` (the network and batches move there; teacher logits come from
 ONNX Runtime on the CPU), with ``--amp`` autocast, and under ``torchrun`` on several processes
@@ -26,7 +25,6 @@ import torch
 from torch import fx
 
 from onnxbits.budget import LambdaController, budget_target, freeze_to_budget
-from onnxbits.biascorr import correct_biases
 from onnxbits.checkpoint import CheckpointSpec, checkpoint_path, remove_checkpoint, run_fingerprint
 from onnxbits.config import ShrinkConfig
 from onnxbits.cost import bit_cost
@@ -40,13 +38,7 @@ from onnxbits.evaluate import make_session, predict_logits
 from onnxbits.history import write_run_outputs
 from onnxbits.importer import (
     FloatLayer, Site, convert, find_sites, float_layer_warnings, float_layers)
-from onnxbits.insert import (
-    QuantizedNetwork,
-    attach_quantizers,
-    calibrate,
-    layer_bits,
-    pin_end_layers,
-)
+from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
 from onnxbits.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
 from onnxbits.normalize import normalize
 from onnxbits.reconstruct import BlockResult
@@ -60,18 +52,15 @@ from onnxbits.run_inputs import (
     emit_event,
     load_splits,
 )
-from onnxbits.quant.quantizer import qdrop
-from onnxbits.rebalance import rebalance_bits
 from onnxbits.run_report import (
     apply_guard,
     build_report,
-    calib_teachers,
     config_dict,
     runtime_info,
 )
 from onnxbits.run_report import torch_logits as torch_logits
-from onnxbits.train import StepRecord, TrainConfig, fine_tune, freeze_all
-from onnxbits.train_config import ONLINE_AUGMENTS
+from onnxbits.train import StepRecord, fine_tune
+from onnxbits.train_config import TrainConfig
 from onnxbits.verify import verify
 
 __all__ = ["ShrinkResult", "budget_target", "check_batch_size", "check_output_path",
@@ -177,14 +166,7 @@ def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
                        lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
                        bits_lr=cfg.bits_lr, lam=cfg.lam,
                        objective=objective, loss=loss, temperature=cfg.temperature,
-                       act_drop=cfg.act_drop, feature_kd=cfg.feature_kd,
-                       bit_anneal=cfg.bit_anneal,
-                       weight_rounding=cfg.weight_rounding,
-                       rounding_lr=cfg.rounding_lr,
                        reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
-                       reconstruct_drop=cfg.reconstruct_drop,
-                       reconstruct_mirror=cfg.reconstruct_mirror,
-                       augment=cfg.augment if cfg.augment in ONLINE_AUGMENTS else "none",
                        seed=cfg.seed, amp=cfg.amp_dtype())
 
 
@@ -194,16 +176,13 @@ def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
     fine-tune batches, and those batches."""
     net = attach_quantizers(inputs.model, inputs.float_graph, inputs.sites,
                             min_bits=cfg.min_bits, min_act_bits=cfg.act_floor,
-                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel",
-                            rounding=cfg.bit_rounding)
+                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel")
     train = inputs.train
     calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
              for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
     if cfg.target in ("ort", "pack"):
         prepare_ort(inputs.model, net)
     calibrate(net, calib)
-    if cfg.pin_ends:
-        pin_end_layers(net, cfg.max_bits)
     return net, calib
 
 
@@ -229,18 +208,15 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     objective, budget = budget_target(cfg, net)
     tcfg = _train_config(cfg, objective, inputs.loss)
     moved: list[str] = []
-    rebalanced: list[dict[str, Any]] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
-                          extra={"moved": moved, "rebalanced": rebalanced})
+                          extra={"moved": moved})
     controller = None
     if budget is not None:
         start = float(bit_cost(objective, layer_bits(net)).detach())
         controller = LambdaController(budget, start, tcfg.learn_steps(), net=net,
                                       objective=objective)
-    freeze = _freezer(cfg, objective, budget, calib,
-                      calib_teachers(calib, inputs.teacher_train, cfg.batch_size), moved,
-                      rebalanced)
+    freeze = _freezer(objective, budget, moved)
     fetch, resident = batch_fetcher(train, ctx.device)
     teacher = torch.from_numpy(inputs.teacher_train)
     steps_run: list[StepRecord] = []
@@ -256,11 +232,11 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
 
     stages.start("fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
-    online_graph = float_graph.to(ctx.device) if tcfg.needs_float_graph() else None
+    block_graph = float_graph.to(ctx.device) if tcfg.needs_float_graph() else None
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
-                        float_graph=online_graph, on_block=on_block)
+                        float_graph=block_graph, on_block=on_block)
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     if blocks and blocks[0]["inputs"] < blocks[0]["wanted"]:
@@ -274,10 +250,6 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     runtime = runtime_info(ctx, cfg.amp, cpu, len(steps_run), min(cfg.batch_size, len(train)),
                            tuned, resident)
     net.graph.cpu()
-    corrected = []
-    if cfg.bias_correction:
-        stages.start("bias correction")
-        corrected = [shift.to_dict() for shift in correct_biases(float_graph, net, calib)]
     guard: dict[str, Any] = {}
     if cfg.max_drop is not None:
         stages.start("accuracy guard")
@@ -301,8 +273,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in inputs.floats],
         budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
                 "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        rebalance=rebalanced,
-        bias_correction=corrected, reconstruction=blocks,
+        reconstruction=blocks,
         runtime={**runtime, "stages": stages.seconds()},
         seconds=round(time.perf_counter() - started, 1))
     save_model_atomic(emitted, output)
@@ -320,8 +291,8 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
     retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
                              batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
                              alpha_lr=cfg.alpha_lr, loss=inputs.loss,
-                             temperature=cfg.temperature, act_drop=cfg.act_drop,
-                             seed=cfg.seed + 1, amp=cfg.amp_dtype())
+                             temperature=cfg.temperature, seed=cfg.seed + 1,
+                             amp=cfg.amp_dtype())
 
     def retune() -> None:
         net.graph.to(device)
@@ -334,29 +305,15 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
                        inputs.teacher_train, retune)
 
 
-def _freezer(cfg: ShrinkConfig, objective: str, budget: float | None, calib: list[torch.Tensor],
-             teachers: list[torch.Tensor], moved: list[str],
-             rebalanced: list[dict[str, Any]]) -> Callable[[QuantizedNetwork], None] | None:
-    """The freeze at the end of the learning phase: onto the budget when there is one
-    (``moved`` receives the groups moved off their rounded bits), then ``cfg.rebalance`` rounds
-    of :func:`onnxbits.rebalance.rebalance_bits` at no more than the budget or, without one,
-    the frozen cost, the quantizers frozen before (pinned end layers) left alone (``rebalanced``
-    receives the rounds). None: the plain freeze."""
-    if budget is None and cfg.rebalance == 0:
+def _freezer(objective: str, budget: float | None,
+             moved: list[str]) -> Callable[[QuantizedNetwork], None] | None:
+    """The freeze at the end of the learning phase onto the budget when there is one (``moved``
+    receives the groups moved off their rounded bits); None: the plain freeze."""
+    if budget is None:
         return None
 
     def freeze(net: QuantizedNetwork) -> None:
-        pinned = [q for q in net.quantizers() if q.frozen]     # --pin-ends: never moved
-        if budget is not None:
-            moved.extend(freeze_to_budget(net, objective, budget))
-        else:
-            freeze_all(net)
-        if cfg.rebalance > 0:
-            limit = budget if budget is not None else float(bit_cost(objective, layer_bits(net)))
-            with qdrop(net.acts.values(), 0.0):
-                rounds = rebalance_bits(net, objective, limit, calib, teachers, cfg.rebalance,
-                                        fixed=pinned)
-            rebalanced.extend(r.to_dict() for r in rounds)
+        moved.extend(freeze_to_budget(net, objective, budget))
     return freeze
 
 

@@ -7,17 +7,14 @@ sub-graph between two cuts maps one tensor to one tensor; consecutive sub-graphs
 each holds at least ``min_layers`` quantized layers (residual blocks stay whole: their skip input
 is alive inside them, so no cut falls there).
 
-Block ``b`` in turn, over the ``N`` fine-tune images (at most ``max_images``; with ``mirror``
-they and their horizontal mirror images, ``2 N`` inputs; ``x_0`` = those inputs):
+Block ``b`` in turn, over the ``N`` fine-tune images (at most ``max_images``; ``x_0`` = those
+inputs):
 ``y_b = F_b(y_{b-1})`` (float block on the float path), then ``K`` Adam steps on
 ``L_b = mean((Q_b(x_{b-1}) - y_b)^2)`` over random batches, where ``x_{b-1}`` is the quantized
 network's own input to the block (the earlier blocks already reconstructed), the weights, biases
-and clip values of the block's quantizers being trained (the rounding logits instead of the
-weights while learned rounding is active, :mod:`onnxbits.quant.rounding`) with a cosine-decaying
-learning rate; then ``x_b = Q_b(x_{b-1})``. With ``drop = p > 0`` (QDrop) the block's activation
-quantizers keep each element's float value with probability ``p`` during those steps; the losses
-and the block outputs are computed with every element quantized. A block whose loss over the
-``N`` images ends above its starting loss gets its parameters back. Bits stay as frozen. No I/O,
+and clip values of the block's quantizers being trained with a cosine-decaying learning rate;
+then ``x_b = Q_b(x_{b-1})``. A block whose loss over the ``N`` images ends above its starting
+loss gets its parameters back. Bits stay as frozen. No I/O,
 no printing.
 
 Memory: the stored tensors peak at ``x_0`` plus, for one block, its quantized and float inputs
@@ -39,7 +36,7 @@ from torch import Tensor, fx, nn
 
 from onnxbits.device import empty_rows, fast_layout
 from onnxbits.insert import QuantizedNetwork, QuantWeightLayer, first_output
-from onnxbits.quant.quantizer import BitQuantizer, qdrop
+from onnxbits.quant.quantizer import BitQuantizer
 
 __all__ = ["Block", "BlockResult", "ReconstructConfig", "bytes_per_input", "find_cuts",
            "reconstruct", "split_blocks"]
@@ -47,20 +44,16 @@ __all__ = ["Block", "BlockResult", "ReconstructConfig", "bytes_per_input", "find
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    """Steps per block, batch, learning rates (Adam: weights and biases, log clip values,
-    rounding logits), the QDrop probability while a block trains, the least quantized layers per
-    block, the most images (a seeded subset of the fine-tune images beyond that), whether their
-    horizontal mirror images (last axis reversed) join them, and the seed of the batches."""
+    """Steps per block, batch, learning rates (Adam: weights and biases, log clip values), the
+    least quantized layers per block, the most images (a seeded subset of the fine-tune images
+    beyond that) and the seed of the batches."""
 
     steps: int = 200
     batch_size: int = 32
     lr: float = 1e-4
     alpha_lr: float = 1e-3
-    rounding_lr: float = 1e-2
-    drop: float = 0.0
     min_layers: int = 3
     max_images: int = 1024
-    mirror: bool = False
     seed: int = 0
 
 
@@ -73,7 +66,7 @@ class BlockResult:
     loss_before: float
     loss_after: float
     seconds: float
-    inputs: int = 0          # reconstruction inputs used (mirror images included)
+    inputs: int = 0          # reconstruction inputs used
     wanted: int = 0          # inputs there were before a memory limit
 
     def to_dict(self) -> dict[str, object]:
@@ -176,21 +169,17 @@ def split_blocks(net: QuantizedNetwork, float_graph: fx.GraphModule,
 
 def _block_parameters(block: Block, net: QuantizedNetwork, cfg: ReconstructConfig
                       ) -> list[dict[str, object]]:
-    """Adam groups: the block's weights (or rounding logits) and biases, and clip values."""
-    kernels, biases, alphas, logits = [], [], [], []
+    """Adam groups: the block's weights and biases, and clip values."""
+    kernels, biases, alphas = [], [], []
     for module in block.quantized.modules():
         if isinstance(module, QuantWeightLayer):
-            if module.rounding is not None:
-                logits.append(module.rounding.logits)
-            else:
-                kernels.append(module.float_weight())
-                alphas.append(module.wq.log_alpha)
+            kernels.append(module.float_weight())
+            alphas.append(module.wq.log_alpha)
             if module.bias() is not None:
                 biases.append(module.bias())
         elif isinstance(module, BitQuantizer) and module in net.acts.values():
             alphas.append(module.log_alpha)
-    groups = [{"params": kernels + biases, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr},
-              {"params": logits, "lr": cfg.rounding_lr}]
+    groups = [{"params": kernels + biases, "lr": cfg.lr}, {"params": alphas, "lr": cfg.alpha_lr}]
     return [g for g in groups if g["params"]]
 
 
@@ -219,26 +208,23 @@ def _mean_squared_error(output: Callable[[slice], Tensor], targets: Tensor, batc
     return total / targets.numel()
 
 
-def _train_block(block: Block, groups: list[dict[str, object]], acts: list[BitQuantizer],
-                 inputs: Tensor, targets: Tensor, cfg: ReconstructConfig,
-                 generator: torch.Generator) -> None:
-    """``cfg.steps`` Adam steps on the block loss over random batches (module docstring), with
-    QDrop probability ``cfg.drop`` on the block's activation quantizers ``acts``."""
+def _train_block(block: Block, groups: list[dict[str, object]], inputs: Tensor, targets: Tensor,
+                 cfg: ReconstructConfig, generator: torch.Generator) -> None:
+    """``cfg.steps`` Adam steps on the block loss over random batches (module docstring)."""
     if not groups or cfg.steps == 0:
         return
     opt = torch.optim.Adam(groups)
     base = [float(g["lr"]) for g in opt.param_groups]
     batch = min(cfg.batch_size, len(inputs))
-    with qdrop(acts, cfg.drop):
-        for step in range(cfg.steps):
-            for group, lr in zip(opt.param_groups, base, strict=True):
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            idx = torch.randperm(len(inputs), generator=generator)[:batch]
-            out = first_output(block.quantized(inputs[idx]))
-            loss = ((out - targets[idx]) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for step in range(cfg.steps):
+        for group, lr in zip(opt.param_groups, base, strict=True):
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        idx = torch.randperm(len(inputs), generator=generator)[:batch]
+        out = first_output(block.quantized(inputs[idx]))
+        loss = ((out - targets[idx]) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 @torch.no_grad()
@@ -259,24 +245,18 @@ def reconstruct(net: QuantizedNetwork, float_graph: fx.GraphModule, images: Tens
                 on_block: Callable[[BlockResult], None] | None = None,
                 memory: int | None = None) -> list[BlockResult]:
     """Reconstruct every block in order (module docstring) on ``images`` (``N`` inputs, on the
-    network's device; ``(N, C, H, W)`` with ``cfg.mirror``); returns one :class:`BlockResult` per
-    block. With ``memory`` (bytes), a seeded subset of the images (kept in order) when the
+    network's device); returns one :class:`BlockResult` per block. With ``memory`` (bytes), a seeded subset of the images (kept in order) when the
     tensors of all of them would take more; pass ``images`` without keeping a reference, so that
     the rest is freed."""
     blocks = split_blocks(net, float_graph, cfg.min_layers)
-    views = 2 if cfg.mirror else 1
-    wanted = views * len(images)
+    wanted = len(images)
     if memory is not None:
-        fit = memory // (views * bytes_per_input(blocks, images[:1]))
+        fit = memory // bytes_per_input(blocks, images[:1])
         if fit < len(images):
             keep = np.random.default_rng(cfg.seed).choice(len(images), max(int(fit), 1),
                                                           replace=False)
             images = images[torch.from_numpy(np.sort(keep)).to(images.device)]
-    if cfg.mirror:
-        images = torch.cat([images, images.flip(-1)])
-    images = fast_layout(images)
-    with qdrop(net.acts.values(), 0.0):
-        return _reconstruct_blocks(net, blocks, images, cfg, on_block, wanted)
+    return _reconstruct_blocks(net, blocks, fast_layout(images), cfg, on_block, wanted)
 
 
 def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tensor,
@@ -284,7 +264,6 @@ def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tens
                         on_block: Callable[[BlockResult], None] | None,
                         wanted: int) -> list[BlockResult]:
     generator = torch.Generator().manual_seed(cfg.seed)
-    act_quantizers = set(net.acts.values())
     quant_in, float_in = images, images
     results = []
     for b, block in enumerate(blocks):
@@ -297,8 +276,7 @@ def _reconstruct_blocks(net: QuantizedNetwork, blocks: list[Block], images: Tens
         groups = _block_parameters(block, net, cfg)
         params = [p for g in groups for p in g["params"]]
         saved = [p.detach().clone() for p in params]
-        acts = [m for m in block.quantized.modules() if m in act_quantizers]
-        _train_block(block, groups, acts, quant_in, targets, cfg, generator)
+        _train_block(block, groups, quant_in, targets, cfg, generator)
         quant_out = _run_all(block.quantized, quant_in, cfg.batch_size)
         after = _mean_squared_error(quant_out.__getitem__, targets, cfg.batch_size)
         if not after <= before:            # never leave a block worse than it came

@@ -3,32 +3,16 @@
 Phase 1 (``learn``, ``steps - frozen_steps`` steps): weights, clip values and fractional
 bitlengths are trained on ``task + lambda * R`` (``R`` from :mod:`onnxbits.cost`). Then every
 bitlength is frozen with :func:`onnxbits.quant.quantizer.freeze_rule` (``k = floor(n + 1/2)``).
-With ``bit_anneal = f > 0`` the last fraction ``f`` of phase 1
-sharpens the floor/ceil interpolation towards that rounding (:meth:`TrainConfig.sharpness`,
-:mod:`onnxbits.quant.fakequant`), so that the freeze changes little.
 Phase 2 (``frozen``, ``frozen_steps`` steps): weights and clip values are trained on ``task``
-alone at the integer bits, with a cosine-decaying learning rate. With ``weight_rounding="learned"``
-the first 80 % of phase 2 learn whether each weight rounds down or up
-(:mod:`onnxbits.quant.rounding`) instead of fine-tuning the weights, with the weights' clip
-values fixed; the weights then become those roundings and the last 20 % fine-tune as without
-it (the weights' clip values still fixed). With ``reconstruct_steps = K > 0`` phase 2 starts
-with block-wise reconstruction on the fine-tune images (:mod:`onnxbits.reconstruct`, ``K`` steps
-per block, after the learned rounding has started if it is on; without a phase 2 it follows the
-final freeze, and with ``weight_rounding="learned"`` it then learns the roundings; QDrop inside it
-is ``reconstruct_drop``, not ``act_drop``; its stored tensors take at most
-``RECONSTRUCT_MEMORY_SHARE`` of the device's free memory, with fewer images if need be).
-With ``act_drop = p > 0`` (QDrop) each activation element keeps its float value with probability
-``p`` in both phases (see :class:`onnxbits.quant.quantizer.BitQuantizer`); the returned network
-quantizes every element.
+alone at the integer bits, with a cosine-decaying learning rate. With ``reconstruct_steps = K >
+0`` phase 2 starts with block-wise reconstruction on the fine-tune images
+(:mod:`onnxbits.reconstruct`, ``K`` steps per block; without a phase 2 it follows the final
+freeze; its stored tensors take at most ``RECONSTRUCT_MEMORY_SHARE`` of the device's free
+memory, with fewer images if need be).
 
 The task loss is distillation from the float model, ``T^2 KL(softmax(t/T) || softmax(s/T))``
 (no labels needed), or cross-entropy with labels. Logits shaped ``(N, C, 1, 1)`` are read as
-``(N, C)``. With ``feature_kd = w > 0`` and the float graph, the task loss adds ``w * L_feat``
-(every site's output against the float model's, :mod:`onnxbits.features`). With
-``augment = "crop"`` every batch is replaced by random resized crops (:mod:`onnxbits.augment`,
-drawn from (seed, step) alone for the global batch) and the teacher logits are the float
-graph's on those crops; ``augment = "mix"`` mixes each crop with a crop of a random partner image
-(mixup, :mod:`onnxbits.augment`; the task loss must then be ``kd``).
+``(N, C)``.
 
 The network may sit on any device: batches and teacher logits go to the device of its parameters,
 and with ``amp`` the forward pass runs under ``torch.autocast`` (bf16, or fp16 with a gradient
@@ -46,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,27 +37,23 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from onnxbits.augment import apply_crops, apply_mix, sample_crops, sample_mixes, step_generator
 from onnxbits.checkpoint import CheckpointSpec, deferred_interrupt, load_checkpoint, save_checkpoint
 from onnxbits.cost import average_bits, bit_cost
 from onnxbits.device import autocast, available_memory, fast_layout
 from onnxbits.distributed import (
     DistContext, any_rank, average_gradients, broadcast_, local_world_size, shard)
 from onnxbits.errors import ConfigError
-from onnxbits.features import FeatureTaps
-from onnxbits.insert import QuantizedNetwork, first_output, layer_bits
+from onnxbits.insert import QuantizedNetwork, layer_bits
 from onnxbits.losses import task_loss
-from onnxbits.quant.quantizer import qdrop
 from onnxbits.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 from onnxbits.sampler import BatchSampler, batch_indices
-from onnxbits.train_config import MAX_SHARPNESS, TrainConfig
+from onnxbits.train_config import TrainConfig
 
 # Share of the device's free memory that block reconstruction's stored tensors may take
 # (fewer images beyond it); the rest is for the block's own training step and the run.
 RECONSTRUCT_MEMORY_SHARE = 0.7
 
-__all__ = ["MAX_SHARPNESS", "BatchSampler", "StepRecord", "TrainConfig", "batch_indices",
-           "fine_tune", "freeze_all", "task_loss"]
+__all__ = ["StepRecord", "fine_tune", "freeze_all"]
 
 
 @dataclass
@@ -96,18 +75,13 @@ class StepRecord:
 
 def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.optim.Optimizer:
     bias_lr = cfg.lr if cfg.bias_lr is None else cfg.bias_lr
-    # learned rounding sets the weight grids: their clip values stay fixed from then on
-    learned = not bits and cfg.weight_rounding != "nearest"
     groups = [{"params": net.kernel_parameters(), "lr": cfg.lr},
               {"params": net.bias_parameters(), "lr": bias_lr},
-              {"params": net.alpha_parameters(weights=not learned), "lr": cfg.alpha_lr}]
+              {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]
     if bits:
         lo, hi = net.quantizers()[0].min_bits, net.quantizers()[0].max_bits
         default = 2.0 * max(hi - lo, 1) / max(cfg.learn_steps(), 1)
         groups.append({"params": net.bit_parameters(), "lr": cfg.bits_lr or default})
-    roundings = net.roundings()
-    if roundings:
-        groups.append({"params": [r.logits for r in roundings], "lr": cfg.rounding_lr})
     return torch.optim.Adam(groups)
 
 
@@ -139,11 +113,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     receives each reconstructed block's result.
     """
     if cfg.needs_float_graph() and float_graph is None:
-        raise ValueError("feature_kd > 0, augment='crop'/'mix' and reconstruct_steps > 0 need "
-                         "the float graph")
-    if cfg.augment == "mix" and cfg.loss != "kd":
-        raise ValueError(f"augment='mix' needs loss='kd' (mixed images have no label), "
-                         f"got {cfg.loss!r}")
+        raise ValueError("reconstruct_steps > 0 needs the float graph")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
     run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), n_train, dist)
@@ -158,23 +128,13 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     net.graph.eval()
     if float_graph is not None:
         float_graph.eval()
-        run.teacher_graph = float_graph if cfg.online_teacher() else None
-        if cfg.feature_kd > 0:
-            run.taps = FeatureTaps(net, float_graph)
-    with (deferred_interrupt(enabled=checkpoint is not None) as guard,
-          qdrop(net.acts.values(), cfg.act_drop), closing(run.taps) if run.taps else nullcontext()):
+    with deferred_interrupt(enabled=checkpoint is not None) as guard:
         for step in range(run.step, cfg.steps):
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
                 run.new_optimizer(bits=False)
-            if step == learn and cfg.rounding_steps() > 0 and not net.roundings():
-                net.start_learned_rounding()
-                run.new_optimizer(bits=False)
             if step == learn and cfg.reconstruct_steps > 0:
                 _reconstruct(run, fetch, n_train, float_graph, on_block)
-            if step == learn + cfg.rounding_steps() and net.roundings():
-                net.finish_learned_rounding()
-                run.new_optimizer(bits=False)
             record = _train_step(run, step, fetch, teacher_logits)
             run.history.append(record)
             if lam_schedule is not None and record.phase == "learn":
@@ -192,15 +152,10 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
                 raise
             if save is not None and save.due(run.step):
                 save_checkpoint(save, run.state())
-    for q in net.quantizers():
-        q.sharpness = 1.0
     if learn == cfg.steps and not all(q.frozen for q in net.quantizers()):
         freeze(net)
         if cfg.reconstruct_steps > 0:
-            if cfg.weight_rounding != "nearest":
-                net.start_learned_rounding()
             _reconstruct(run, fetch, n_train, float_graph, on_block)
-    net.finish_learned_rounding()
     if save is not None:
         save_checkpoint(save, run.state())
     return run.history
@@ -215,9 +170,7 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
         raise ValueError("block reconstruction needs the float graph as an fx.GraphModule")
     cfg = run.cfg
     rcfg = ReconstructConfig(steps=cfg.reconstruct_steps, batch_size=cfg.batch_size,
-                             lr=cfg.reconstruct_lr, rounding_lr=cfg.rounding_lr,
-                             drop=cfg.reconstruct_drop, mirror=cfg.reconstruct_mirror,
-                             seed=cfg.seed)
+                             lr=cfg.reconstruct_lr, seed=cfg.seed)
     free = available_memory(run.device)
     if free is not None and run.device.type == "cpu":      # torchrun processes share the RAM
         free //= local_world_size()
@@ -269,8 +222,6 @@ class _Run:
         self.device = net.device
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
-        self.taps: FeatureTaps | None = None
-        self.teacher_graph: nn.Module | None = None    # online teacher (augment crop / mix)
         self.history: list[StepRecord] = []
         self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
@@ -294,8 +245,6 @@ class _Run:
         for q, flags in zip(self.net.quantizers(), state["quantizers"], strict=True):
             q.frozen, q.enabled, q.exec_bits = flags["frozen"], flags["enabled"], flags["exec_bits"]
             q.bits.requires_grad_(flags["bits_grad"])
-        if any(".rounding." in key for key in state["graph"]):
-            self.net.start_learned_rounding()       # the modules whose state is loaded next
         self.net.graph.load_state_dict(state["graph"])
         self.new_optimizer(bits=state["opt_bits"])
         self.opt.load_state_dict(state["optimizer"])
@@ -308,32 +257,6 @@ class _Run:
         self.history = [StepRecord(**r) for r in state["history"]]
 
 
-def _float_pass(run: _Run, x: Tensor) -> Tensor | None:
-    """The float graph's output on ``x`` where the step needs it (feature taps, online teacher)."""
-    if run.taps is not None:
-        return first_output(run.taps.run_teacher(x))
-    if run.teacher_graph is not None:
-        with torch.no_grad():
-            return first_output(run.teacher_graph(x))
-    return None
-
-
-def _augmented(run: _Run, step: int, size: int, x: Tensor,
-               fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]]) -> Tensor:
-    """This process's rows of the global batch's crops (and mixes) of ``x``, drawn from
-    (seed, step) alone: the same inputs with any number of processes."""
-    generator = step_generator(run.cfg.seed, step)
-    rows = (torch.from_numpy(shard(np.arange(size), run.dist.rank, run.dist.world))
-            if run.dist.active else slice(None))
-    x = apply_crops(x, sample_crops(size, generator).rows(rows))
-    if run.cfg.augment != "mix":
-        return x
-    partner_crops = sample_crops(size, generator).rows(rows)
-    mixes = sample_mixes(size, run.n_train, generator).rows(rows)
-    partner = fetch(mixes.partners.numpy())[0].to(x.device, non_blocking=True)
-    return apply_mix(x, apply_crops(partner, partner_crops), mixes.weight)
-
-
 def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
                 teacher_logits: Tensor | None) -> StepRecord:
     """One optimizer step of the learning or the frozen phase."""
@@ -344,28 +267,18 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         progress = (step - learn) / max(cfg.steps - learn, 1)
         for group, base in zip(opt.param_groups, run.base_lrs, strict=True):
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.bit_anneal > 0 and not frozen:
-        for q in net.quantizers():
-            q.sharpness = cfg.sharpness(step)
     idx = next(run.batches)
     part = shard(idx, run.dist.rank, run.dist.world) if run.dist.active else idx
     x, labels = fetch(part)
     x = x.to(run.device, non_blocking=True)
     labels = labels.to(run.device) if labels is not None else None
     teacher = None
-    if run.teacher_graph is not None:
-        x = _augmented(run, step, len(idx), x, fetch)
-    elif teacher_logits is not None:
+    if teacher_logits is not None:
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     x = fast_layout(x)
     with autocast(run.device, cfg.amp):
-        float_out = _float_pass(run, x)
         out = net(x)
-    if run.teacher_graph is not None and float_out is not None:
-        teacher = float_out.float()
     task = task_loss(out.float(), teacher, labels, cfg.loss, cfg.temperature)
-    if run.taps is not None:
-        task = task + cfg.feature_kd * run.taps.loss()
     layers = layer_bits(net)
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from onnxbits.quant import fakequant
-from onnxbits.quant.fakequant import (fixed_quant, frozen_quant, interpolated_quant,
-                                      learned_quant)
+from onnxbits.quant.fakequant import frozen_quant, learned_quant
 from onnxbits.quant.quantizer import BitQuantizer
+from tests.fakequant_oracle import fixed_quant, interpolated_quant
 
 KERNELS = ["eager", "compiled"]
 KINDS = {"weight-signed-narrow": (True, True), "act-unsigned": (False, False),

@@ -96,7 +96,7 @@ def forward_backward(net: QuantizedNetwork, x: torch.Tensor,
     outs = net(x)
     outs = list(outs) if isinstance(outs, tuple | list) else [outs]
     loss = sum((o * g).sum() for o, g in zip(outs, grads))
-    params = [*net.weight_parameters(), *net.alpha_parameters(), *net.bit_parameters()]
+    params = [*net.kernel_parameters(), *net.bias_parameters(), *net.alpha_parameters(), *net.bit_parameters()]
     trainable = [p for p in params if p.requires_grad]
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, trainable))
 

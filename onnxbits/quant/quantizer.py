@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
-from onnxbits.quant.fakequant import frozen_quant, learned_quant, sharpened_bits
+from onnxbits.quant.fakequant import frozen_quant, learned_quant
 from onnxbits.quant.kernels import levels
-from onnxbits.quant.ste import round_ste_quant
 
-ROUNDINGS = ("interp", "ste")
-
-__all__ = ["ROUNDINGS", "BitQuantizer", "freeze_rule", "lsq_init_alpha", "qdrop", "sharpened_bits"]
+__all__ = ["BitQuantizer", "freeze_rule"]
 
 
 def freeze_rule(bits: Tensor, min_bits: int, max_bits: int) -> Tensor:
@@ -40,24 +33,13 @@ class BitQuantizer(nn.Module):
     absorb the Relu ``(0, None)`` or Relu6 ``(0, 6)`` that produces its input:
     ``forward(x) = Q(clamp(x, lo, hi), n)`` with the gradients of the two ops in a row, computed
     in one kernel without storing the clamped tensor (see :meth:`quantized_input`).
-    ``rounding="ste"`` replaces the floor/ceil interpolation of the learning phase by a
-    round-STE bitlength (:mod:`onnxbits.quant.ste`; an ablation, slower).
-    ``drop = p > 0`` (QDrop, set by the fine-tune on activation quantizers) keeps each element's
-    unquantized value with probability ``p``: ``forward(x) = where(u < p, x', Q(x', n))``, ``u``
-    uniform on ``[0, 1)`` per element, ``x'`` the (clamped) input. ``sharpness = h >= 1`` (set
-    by the fine-tune, ``--bit-anneal``) sharpens the interpolation weight towards the freeze
-    rule's rounding: ``a_h = clamp(h (a - 1/2) + 1/2, 0, 1)`` (:mod:`onnxbits.quant.fakequant`).
     """
 
     def __init__(self, *, signed: bool, narrow: bool = False, num_channels: int = 1,
                  channel_axis: int = 0, per_channel_bits: bool = False, min_bits: int = 2,
                  max_bits: int = 8, init_bits: float | None = None,
-                 input_clamp: tuple[float | None, float | None] | None = None,
-                 rounding: str = "interp") -> None:
+                 input_clamp: tuple[float | None, float | None] | None = None) -> None:
         super().__init__()
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        self.rounding = rounding
         if not 1 <= min_bits <= max_bits <= 16:
             raise ValueError(f"need 1 <= min_bits <= max_bits <= 16, got {min_bits}, {max_bits}")
         self.signed = signed
@@ -74,8 +56,6 @@ class BitQuantizer(nn.Module):
         self.enabled = True
         self.exec_bits: int | None = None
         self.input_clamp = input_clamp
-        self.drop = 0.0
-        self.sharpness = 1.0
 
     def extra_repr(self) -> str:
         bits = self.frozen_bits if self.frozen else self.bits.detach()
@@ -97,18 +77,11 @@ class BitQuantizer(nn.Module):
         return self.log_alpha.exp()
 
     def effective_bits(self) -> Tensor:
-        """Per-group bitlength: the fractional ``n`` (clamped, straight-through), sharpened by
-        :func:`sharpened_bits` while ``sharpness != 1``, or the frozen integer."""
+        """Per-group bitlength: the fractional ``n`` (clamped, straight-through) or the frozen
+        integer."""
         if self.frozen:
             return self.frozen_bits
-        n = self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
-        h = self.interp_sharpness()
-        return n if h == 1.0 else sharpened_bits(n, self.min_bits, self.max_bits, h)
-
-    def interp_sharpness(self) -> float:
-        """The sharpness the learned bits follow: ``sharpness`` with the floor/ceil interpolation,
-        1 with round-STE (which annealing leaves alone)."""
-        return self.sharpness if self.rounding == "interp" else 1.0
+        return self.bits + (self.bits.clamp(self.min_bits, self.max_bits) - self.bits).detach()
 
     @torch.no_grad()
     def init_alpha(self, alpha: Tensor) -> None:
@@ -143,41 +116,11 @@ class BitQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.quantized_input(x)
-        y = self._quantize(x)
-        if self.drop <= 0:
-            return y
-        keep = torch.rand(y.shape, device=y.device) < self.drop
-        return torch.where(keep, self.quantized_input(x).to(y.dtype), y)
-
-    def _quantize(self, x: Tensor) -> Tensor:
         # One autograd node per call: alpha = exp(log_alpha) and the clamp/floor of the bits are
         # computed inside (see fakequant.learned_quant); the arithmetic stays in float32.
         axis = self.channel_axis if self.log_alpha.numel() > 1 else None
         if self.frozen or self.exec_bits is not None:
             return frozen_quant(x, self.log_alpha, self._forward_bits(), axis, self.signed,
                                 self.narrow, self.input_clamp)
-        if self.rounding == "ste":
-            return round_ste_quant(self.quantized_input(x), self.log_alpha,
-                                   self.effective_bits(), axis, self.signed, self.narrow)
         return learned_quant(x, self.log_alpha, self.bits, axis, self.min_bits, self.max_bits,
-                             self.signed, self.narrow, self.input_clamp, self.sharpness)
-
-
-def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:
-    """LSQ's initial step ``2 mean|x| / sqrt(qmax)`` expressed as a clip value ``step * qmax``."""
-    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-    return 2 * x.abs().mean() * math.sqrt(qmax)
-
-
-@contextmanager
-def qdrop(quantizers: Iterable[BitQuantizer], p: float) -> Iterator[None]:
-    """Set the QDrop probability ``drop = p`` on ``quantizers``; their own values come back on
-    exit."""
-    saved = {q: q.drop for q in quantizers}
-    for q in saved:
-        q.drop = p
-    try:
-        yield
-    finally:
-        for q, value in saved.items():
-            q.drop = value
+                             self.signed, self.narrow, self.input_clamp)

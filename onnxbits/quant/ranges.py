@@ -42,13 +42,3 @@ def container_bits(bits: int) -> int:
         if bits <= size:
             return size
     raise ValueError(f"bits must be <= 32, got {bits}")
-
-
-def bits_for_range(qmin: int, qmax: int) -> int:
-    """Number of bits that a grid of ``qmax - qmin + 1`` levels needs.
-
-    >>> bits_for_range(0, 15), bits_for_range(-8, 7), bits_for_range(-7, 7), bits_for_range(0, 255)
-    (4, 4, 4, 8)
-    """
-    levels = qmax - qmin + 1
-    return max(1, (levels - 1).bit_length())
