@@ -25,11 +25,13 @@ import numpy as np
 import onnx
 
 from onnxbits.config import RECIPES, ShrinkConfig
-from onnxbits.data import decode_images, load_image_set, resolve_preprocess, select_files
-from onnxbits.evaluate import make_session, predict_logits, topk_accuracy
-from onnxbits.pack import pack_model
-from onnxbits.pipeline import shrink
-from onnxbits.report import analyze_model
+from onnxbits.data.decode import decode_images
+from onnxbits.data.files import load_image_set, select_files
+from onnxbits.data.preprocess import resolve_preprocess
+from onnxbits.emit.pack import pack_model
+from onnxbits.pipeline.run import shrink
+from onnxbits.report.evaluate import make_session, predict_logits, topk_accuracy
+from onnxbits.report.model import analyze_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PAPER = {"mobilenet_v2_1.0_224_dq": (4.36, "BitPruning MobileNetV2: 4.36 bits, -0.5 %")}
@@ -64,8 +66,13 @@ def _images(rel: str, include: str | None, classes: str | None, preset: str):
 
 def ort_ptq(model: Path, calib, out: Path, weight_bits: int) -> Path:
     """ORT quantize_static QDQ, per-channel, MinMax; W4 upgrades the model to opset 21."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

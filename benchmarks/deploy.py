@@ -9,13 +9,13 @@ Usage::
 ``MODEL`` is an ``.onnx`` path or a name in ``../shared/models``. In one process:
 
 1. a short shrink (same steps as ``onnxbits shrink``: normalise, import, attach quantizers,
-   :func:`onnxbits.deploy.prepare_ort`, calibrate, fine-tune, :func:`limit_clip_alphas`) on
+   :func:`onnxbits.emit.prepare.prepare_ort`, calibrate, fine-tune, :func:`limit_clip_alphas`) on
    the fine-tune split, a seeded held-out split (or DIR/val) being the measure split.
    ``--fixed-bits W,A`` freezes every weight at W bits and every layer input at A bits after
    calibration instead of learning them (``--steps`` then fine-tunes at those bits; 0 skips it):
    a quick way to size and time the targets, not an accuracy result;
 2. emit ``ort``, ``exact-sim`` and ``pack`` and check each against the torch model
-   (:func:`onnxbits.verify.verify`: largest difference in quantization steps);
+   (:func:`onnxbits.emit.verify.verify`: largest difference in quantization steps);
 3. ``onnxruntime.quantization.quantize_static`` int8 QDQ of the float model (per-channel
    weights, MinMax, QDQ format, default int8 types) calibrated on ``--calib-images`` fine-tune
    images: the baseline a user would otherwise deploy;
@@ -53,21 +53,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxbits.config import ShrinkConfig  # noqa: E402
-from onnxbits.data import ImageTensors, resolve_preprocess  # noqa: E402
-from onnxbits.deploy import limit_clip_alphas, prepare_ort  # noqa: E402
-from onnxbits.emit import emit  # noqa: E402
-from onnxbits.evaluate import make_session, predict_logits, topk_accuracy  # noqa: E402
-from onnxbits.ortgraph import count_fusion, optimized_model  # noqa: E402
-from onnxbits.importer import convert, find_sites  # noqa: E402
-from onnxbits.insert import attach_quantizers, calibrate  # noqa: E402
-from onnxbits.io import load_model  # noqa: E402
-from onnxbits.normalize import normalize  # noqa: E402
-from onnxbits.pack import weight_storage  # noqa: E402
-from onnxbits.report import analyze_model  # noqa: E402
-from onnxbits.run_inputs import load_splits  # noqa: E402
-from onnxbits.run_report import torch_logits  # noqa: E402
-from onnxbits.train import TrainConfig, fine_tune  # noqa: E402
-from onnxbits.verify import verify  # noqa: E402
+from onnxbits.data.decode import ImageTensors
+from onnxbits.data.preprocess import resolve_preprocess
+from onnxbits.emit.ortgraph import count_fusion, optimized_model  # noqa: E402
+from onnxbits.emit.pack import weight_storage  # noqa: E402
+from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort  # noqa: E402
+from onnxbits.emit.targets import emit  # noqa: E402
+from onnxbits.emit.verify import verify  # noqa: E402
+from onnxbits.graph.io import load_model  # noqa: E402
+from onnxbits.graph.normalize import normalize  # noqa: E402
+from onnxbits.importer.convert import convert, find_sites  # noqa: E402
+from onnxbits.pipeline.inputs import load_splits  # noqa: E402
+from onnxbits.pipeline.summary import torch_logits  # noqa: E402
+from onnxbits.quant.network import attach_quantizers, calibrate  # noqa: E402
+from onnxbits.report.evaluate import make_session, predict_logits, topk_accuracy  # noqa: E402
+from onnxbits.report.model import analyze_model  # noqa: E402
+from onnxbits.train.loop import TrainConfig, fine_tune  # noqa: E402
 
 TARGETS = ("ort", "exact-sim", "pack")
 
@@ -85,8 +86,13 @@ def quantize_static_int8(float_path: Path, tensors: ImageTensors, count: int, ou
                          activations: str) -> onnx.ModelProto:
     """ORT's own int8 QDQ: per-channel int8 weights, MinMax calibration on ``count`` images,
     ``activations`` ``int8`` (quantize_static's default) or ``uint8``."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     model = onnx.load(str(float_path))
     name = model.graph.input[0].name
@@ -142,7 +148,7 @@ def pack_size_check(packed: onnx.ModelProto) -> dict[str, Any]:
     bytes`` for the layers at <= 4 bits, read two ways:
 
     * ``weights``: the bytes the file spends on those layers' weights (serialised integer
-      tensors, scales and zero points, :func:`onnxbits.pack.weight_storage`) over
+      tensors, scales and zero points, :func:`onnxbits.emit.pack.weight_storage`) over
       ``sum params * bits / 8`` (= (bits / 32) x their float bytes); the bound is 1.1;
     * ``file``: the whole file (graph, biases, activation scales, metadata included) over
       ``sum params * bits / 8`` of every layer; the bound applies when every layer is at

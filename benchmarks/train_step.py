@@ -4,14 +4,14 @@
 ``MODEL`` is an ``.onnx`` path or a name in ``../shared/models``. Every variant trains the same
 onnx2torch graph on the same random input batch with Adam:
 
-* ``float``: the float graph with the distillation loss of :func:`onnxbits.train.task_loss`
+* ``float``: the float graph with the distillation loss of :func:`onnxbits.train.loop.task_loss`
   against fixed random teacher logits;
-* ``learn``: the graph with quantizers (:func:`onnxbits.insert.attach_quantizers` +
-  :func:`onnxbits.insert.calibrate`), ``task + lambda * bit cost`` and the bitlengths clamped after
-  the step, exactly as a learning-phase step of :func:`onnxbits.train.fine_tune`;
+* ``learn``: the graph with quantizers (:func:`onnxbits.quant.network.attach_quantizers` +
+  :func:`onnxbits.quant.network.calibrate`), ``task + lambda * bit cost`` and the bitlengths clamped after
+  the step, exactly as a learning-phase step of :func:`onnxbits.train.loop.fine_tune`;
 * ``budget``: ``learn`` followed, as in budget mode (``--target-bits``), by the lambda update and
-  the shift of all bitlengths onto the ramp (:class:`onnxbits.budget.LambdaController`);
-* ``frozen``: the same after :func:`onnxbits.train.freeze_all` (task loss only, no bit params).
+  the shift of all bitlengths onto the ramp (:class:`onnxbits.train.budget.LambdaController`);
+* ``frozen``: the same after :func:`onnxbits.train.loop.freeze_all` (task loss only, no bit params).
 
 Steps of all variants are interleaved (float, learn, frozen, float, ...) so that the noise of a
 shared machine hits them alike. Columns: median step time; ``ratio``, the median over rounds of
@@ -28,11 +28,11 @@ time, peak RSS and ``images/s = shrink_steps * B / wall seconds`` (data loading 
 ``--data`` and ``--shrink-options`` default to the README's CIFAR-10 protocol for CIFAR models.
 
 The process is set up as a shrink is: ``OMP_WAIT_POLICY=PASSIVE`` unless set (before torch
-loads), :func:`onnxbits.device.configure_cpu` (``--release-memory`` gives freed memory back), and
+loads), :func:`onnxbits.train.device.configure_cpu` (``--release-memory`` gives freed memory back), and
 activation quantizers that absorb the Relu/Relu6 before them (``--no-fuse`` keeps them apart).
 ``--foreach`` uses ``Adam(foreach=True)``; several ``--kernel`` values add one ``learn``/``frozen``
 pair per quantizer kernel. The batch is in the memory format the fine-tune gives it
-(:func:`onnxbits.device.fast_layout`: channels-last for images on the CPU); ``--compare-layout``
+(:func:`onnxbits.train.device.fast_layout`: channels-last for images on the CPU); ``--compare-layout``
 adds ``float``/``learn``/``frozen`` steps on the same batch in contiguous (NCHW) format.
 """
 
@@ -55,21 +55,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxbits.device import prefer_passive_omp_wait
+from onnxbits.train.device import prefer_passive_omp_wait
 
 prefer_passive_omp_wait()   # before torch loads, as the CLI does
 
 import torch  # noqa: E402
 
-from onnxbits.budget import LambdaController  # noqa: E402
-from onnxbits.cost import bit_cost  # noqa: E402
-from onnxbits.device import autocast, configure_cpu, fast_layout  # noqa: E402
-from onnxbits.importer import convert, find_sites  # noqa: E402
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate, layer_bits  # noqa: E402
-from onnxbits.io import load_model  # noqa: E402
-from onnxbits.normalize import normalize  # noqa: E402
+from onnxbits.graph.io import load_model  # noqa: E402
+from onnxbits.graph.normalize import normalize  # noqa: E402
+from onnxbits.importer.convert import convert, find_sites  # noqa: E402
 from onnxbits.quant import fakequant  # noqa: E402
-from onnxbits.train import TrainConfig, freeze_all, task_loss  # noqa: E402
+from onnxbits.quant.cost import bit_cost  # noqa: E402
+from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate, layer_bits  # noqa: E402
+from onnxbits.train.budget import LambdaController  # noqa: E402
+from onnxbits.train.device import autocast, configure_cpu, fast_layout  # noqa: E402
+from onnxbits.train.loop import TrainConfig, freeze_all, task_loss  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_MODELS = SHARED / "models"
@@ -128,7 +128,7 @@ def make_quant_step(net: QuantizedNetwork, x: torch.Tensor, teacher: torch.Tenso
                     cfg: TrainConfig, frozen: bool, device: str, amp: str | None,
                     foreach: bool | None = None,
                     controller: LambdaController | None = None) -> Callable[[], None]:
-    """One step of :func:`onnxbits.train.fine_tune` in the learning or the frozen phase; with
+    """One step of :func:`onnxbits.train.loop.fine_tune` in the learning or the frozen phase; with
     ``controller`` also the budget mode's lambda update and shift (at a fixed ramp step)."""
     groups = [{"params": net.weight_parameters(), "lr": cfg.lr},
               {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]

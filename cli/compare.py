@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from onnxbits.cli.errors import handle_errors
 from onnxbits.cli.eval import evenly_spaced, progress_bar
 from onnxbits.cli.options import PREPROCESS_KEYS, preprocess_from_options, preprocess_options
-from onnxbits.compare import compare_models
-from onnxbits.data import decode_images, load_image_set, split_data_dir
+
+from onnxbits.data.decode import decode_images
+from onnxbits.data.files import load_image_set, split_data_dir
+from onnxbits.report.compare import compare_models
 
 _MODEL = click.Path(exists=True, dir_okay=False, path_type=Path)
 

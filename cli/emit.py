@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
 from onnxbits.cli.errors import handle_errors
+
 from onnxbits.errors import ConfigError
 
 
@@ -36,8 +36,8 @@ def unpack_command(model: Path, output: Path | None) -> None:
 
     Example: onnxbits unpack resnet20.pack.onnx -o resnet20.ort.onnx
     """
-    from onnxbits.io import load_model, save_model_atomic
-    from onnxbits.pack import unpack_model
+    from onnxbits.emit.pack import unpack_model
+    from onnxbits.graph.io import load_model, save_model_atomic
 
     out = _output(model, output, ".ort")
     result = unpack_model(load_model(model))
@@ -60,8 +60,8 @@ def pack_command(model: Path, output: Path | None, bitpack: bool) -> None:
 
     Example: onnxbits pack resnet20.bits.onnx -o resnet20.pack.onnx
     """
-    from onnxbits.io import load_model, save_model_atomic
-    from onnxbits.pack import pack_model
+    from onnxbits.emit.pack import pack_model
+    from onnxbits.graph.io import load_model, save_model_atomic
 
     out = _output(model, output, ".pack")
     result = pack_model(load_model(model), bitpack=bitpack)

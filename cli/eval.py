@@ -13,12 +13,13 @@ from typing import Any
 
 import click
 import numpy as np
-
 from onnxbits.cli.errors import handle_errors
 from onnxbits.cli.options import preprocess_from_options, preprocess_options
-from onnxbits.data import decode_images, load_image_set, select_files, split_data_dir
+
+from onnxbits.data.decode import decode_images
+from onnxbits.data.files import load_image_set, select_files, split_data_dir
 from onnxbits.errors import DataError
-from onnxbits.evaluate import evaluate_model
+from onnxbits.report.evaluate import evaluate_model
 
 
 @contextmanager

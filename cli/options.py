@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from onnxbits.data import PRESETS, Preprocess, resolve_preprocess
+from onnxbits.data.preprocess import PRESETS, Preprocess, resolve_preprocess
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import click
-
 from onnxbits.cli.errors import handle_errors
-from onnxbits.io import write_bytes_atomic
-from onnxbits.report import ModelReport, analyze_model, plot, to_html
+
+from onnxbits.graph.io import write_bytes_atomic
+from onnxbits.report.model import ModelReport, analyze_model
+from onnxbits.report.plot import plot, to_html
 
 
 def print_report(result: ModelReport, console: object | None = None) -> None:

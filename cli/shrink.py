@@ -20,11 +20,11 @@ from onnxbits.config import (
     AUGMENTS,
     GRANULARITIES,
     LOSSES,
+    OBJECTIVES,
     RECIPES,
+    TARGETS,
     ShrinkConfig,
 )
-from onnxbits.cost import OBJECTIVES
-from onnxbits.emit import TARGETS
 
 
 def _as_options(values: dict[str, object]) -> str:
@@ -184,8 +184,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     On several GPUs (data parallel; only rank 0 writes and prints):
     torchrun --nproc_per_node=4 -m onnxbits.cli.main shrink MODEL --data DIR --device cuda
     """
-    from onnxbits.distributed import world_size
-    from onnxbits.pipeline import shrink
+    from onnxbits.pipeline.run import shrink
+    from onnxbits.train.distributed import world_size
 
     pre = preprocess_from_options(**options)
     context = click.get_current_context()
@@ -209,8 +209,8 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
     except KeyboardInterrupt:
         from onnxbits.cli.errors import fail
 
-        from onnxbits.checkpoint import checkpoint_path
-        from onnxbits.pipeline import default_output
+        from onnxbits.pipeline.run import default_output
+        from onnxbits.train.checkpoint import checkpoint_path
 
         if view is not None:
             view.close()
@@ -235,7 +235,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, output: Path |
         return
     from onnxbits.cli.report import print_report
 
-    from onnxbits.report import analyze_model
+    from onnxbits.report.model import analyze_model
 
     out = Console(width=None if sys.stdout.isatty() else 160)
     print_report(analyze_model(result.output), out)

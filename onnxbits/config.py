@@ -1,15 +1,20 @@
-"""Validated options of a shrink run (every check names the CLI option it comes from)."""
+"""Validated options of a shrink run (every check names the CLI option it comes from).
+
+A leaf: imports neither torch nor any pipeline stage (only the preprocessing options and errors).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxbits.cost import OBJECTIVES
-from onnxbits.data import Preprocess
-from onnxbits.emit import TARGETS
+from onnxbits.data.preprocess import Preprocess
 from onnxbits.errors import ConfigError
 
+#: ``--objective``: what the bit cost measures (:mod:`onnxbits.quant.cost`).
+OBJECTIVES = ("bits", "memory", "bops")
+#: ``--target``: how the emitted graph carries the learned bits (:mod:`onnxbits.emit.targets`).
+TARGETS = ("ort", "exact-sim", "pack")
 LOSSES = ("auto", "kd", "ce", "kd+ce")
 GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
@@ -98,10 +103,14 @@ class ShrinkConfig:
         return min(max(self.min_bits, DEFAULT_ACT_FLOOR), self.max_bits)
 
     def amp_dtype(self) -> str | None:
-        """``bf16`` / ``fp16`` for :func:`onnxbits.device.autocast`, None for ``off``."""
+        """``bf16`` / ``fp16`` for :func:`onnxbits.train.device.autocast`, None for ``off``."""
         return None if self.amp == "off" else self.amp
 
     def __post_init__(self) -> None:
+        for name in ("data", "output", "eval_data", "classes"):   # accept str paths from the API
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
         checks = [
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.frozen_steps is None or 0 <= self.frozen_steps <= self.steps,
@@ -162,12 +171,9 @@ class ShrinkConfig:
             (self.target_bops_g is None or self.target_bops_g > 0,
              f"--target-bops must be > 0 G, got {self.target_bops_g}"),
         ]
+        checks.append((not (self.amp == "fp16" and self.device == "cpu"),
+                       "--amp fp16 needs a CUDA device (float16 autocast with a gradient scaler); "
+                       "use --amp bf16 or --amp off on CPU"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from onnxbits.device import check_amp, resolve_device
-
-        try:
-            check_amp(self.amp_dtype(), resolve_device(self.device))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None

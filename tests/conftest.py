@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
-from onnxbits.normalize import normalize
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import convert, find_sites
+from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate
 
 torch.set_num_threads(1)
 
@@ -97,7 +97,7 @@ def calibrated_network(model: onnx.ModelProto, batch: int = 64,
                        **attach_options: Any) -> Calibrated:
     """``model`` normalised, imported, quantized (``attach_options`` go to
     :func:`attach_quantizers`), passed to ``prepare(model, net)`` if given (e.g.
-    :func:`onnxbits.deploy.prepare_ort`), then calibrated on a seeded input of ``batch``
+    :func:`onnxbits.emit.prepare.prepare_ort`), then calibrated on a seeded input of ``batch``
     samples split in two halves."""
     torch.manual_seed(0)
     model = normalize(model)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onnxbits.budget import LambdaController, freeze_to_budget, shift_onto_budget
-from onnxbits.cost import bit_cost
-from onnxbits.insert import QuantizedNetwork, layer_bits
-from onnxbits.train import fine_tune
-from onnxbits.train_config import TrainConfig
+from onnxbits.quant.cost import bit_cost
+from onnxbits.quant.network import QuantizedNetwork, layer_bits
+from onnxbits.train.budget import LambdaController, freeze_to_budget, shift_onto_budget
+from onnxbits.train.config import TrainConfig
+from onnxbits.train.loop import fine_tune
 from tests.builders import residual_block
 from tests.conftest import calibrated_network
 

@@ -13,8 +13,10 @@ from onnxbits.cli.eval import eval_command, evenly_spaced
 from onnxbits.cli.options import preprocess_from_options, preprocess_options
 from PIL import Image
 
-from onnxbits.data import PRESETS, decode_images, load_image_set
-from onnxbits.evaluate import evaluate_model
+from onnxbits.data.decode import decode_images
+from onnxbits.data.files import load_image_set
+from onnxbits.data.preprocess import PRESETS
+from onnxbits.report.evaluate import evaluate_model
 from tests.builders import conv_relu_gemm, image_folder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

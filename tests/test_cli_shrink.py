@@ -15,8 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from onnxbits.cli.main import main
-from onnxbits.config import ShrinkConfig
-from onnxbits.errors import ConfigError
 from PIL import Image
 
 from tests.builders import _Builder, conv_relu_gemm, image_folder
@@ -335,7 +333,7 @@ def test_named_recipe_sets_its_defaults_and_explicit_options_win(workspace: Path
 
 def test_reconstruction_short_of_memory_uses_fewer_images_and_says_so(
         workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("onnxbits.train.available_memory", lambda device: 1)
+    monkeypatch.setattr("onnxbits.train.loop.available_memory", lambda device: 1)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
                     "-o", tmp_path / "m.onnx", "--frozen-steps", "0", "--reconstruct", "2")
     assert result.exit_code == 0, result.output

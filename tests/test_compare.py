@@ -1,4 +1,4 @@
-"""Tests for onnxbits.compare and ``onnxbits compare``: matching, totals, accuracy, formats."""
+"""Tests for onnxbits.report.compare and ``onnxbits compare``: matching, totals, accuracy, formats."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from click.testing import CliRunner
 from onnxbits.cli.compare import compare_command
 from PIL import Image
 
-from onnxbits.compare import Comparison, LayerPair, compare_models, match_layers
-from onnxbits.data import PRESETS, decode_images, load_image_set
-from onnxbits.evaluate import evaluate_model
-from onnxbits.report import analyze_model
+from onnxbits.data.decode import decode_images
+from onnxbits.data.files import load_image_set
+from onnxbits.data.preprocess import PRESETS
+from onnxbits.report.compare import Comparison, LayerPair, compare_models, match_layers
+from onnxbits.report.evaluate import evaluate_model
+from onnxbits.report.model import analyze_model
 from tests import builders
 from tests.builders import image_folder
 from tests.test_report import quantize_layer

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onnxbits.cost import OBJECTIVES, LayerBits, average_bits, bit_cost, total_bops
+from onnxbits.config import OBJECTIVES
+from onnxbits.quant.cost import LayerBits, average_bits, bit_cost, total_bops
 
 
 def bits(value: float) -> torch.Tensor:

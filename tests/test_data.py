@@ -1,4 +1,4 @@
-"""Tests for onnxbits.data: layouts, splits, preprocessing numerics, decoding."""
+"""Tests for onnxbits.data.files: layouts, splits, preprocessing numerics, decoding."""
 
 from __future__ import annotations
 
@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxbits.data import (
-    PRESETS,
-    ImageSet,
-    ImageTensors,
-    Preprocess,
-    decode_images,
-    holdout_split,
-    image_size_of,
-    iterate_batches,
-    load_image_set,
-    resolve_preprocess,
-    split_data_dir,
-)
+from onnxbits.data.decode import ImageTensors, decode_images, iterate_batches
+from onnxbits.data.files import ImageSet, holdout_split, load_image_set, split_data_dir
+from onnxbits.data.preprocess import PRESETS, Preprocess, image_size_of, resolve_preprocess
 from onnxbits.errors import ConfigError, DataError
 
 

@@ -1,7 +1,7 @@
 """Deployment targets: ORT fusion of the ``ort`` target, ``pack`` containers and the way back,
 ``exact-sim`` parity, metadata, and the ONNX Runtime 1.32 facts the design rests on.
 
-Each model is quantized with :func:`onnxbits.deploy.prepare_ort` (output quantizers + int32 bias
+Each model is quantized with :func:`onnxbits.emit.prepare.prepare_ort` (output quantizers + int32 bias
 simulation), calibrated and fine-tuned once (20 steps, lambda 0.5: bits well below 8).
 """
 
@@ -22,18 +22,19 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxbits.cli.emit import pack_command, unpack_command
 from onnxbits.cli.report import report_command
 
-from onnxbits.deploy import bias_scale, limit_clip_alphas, planned_outputs, prepare_ort
-from onnxbits.emit import METADATA_KEY, emit
+from onnxbits.emit.metadata import METADATA_KEY
+from onnxbits.emit.ortgraph import count_fusion, optimized_model
+from onnxbits.emit.pack import graph_view, pack_bits, pack_model, unpack_bits, unpack_model
+from onnxbits.emit.prepare import bias_scale, limit_clip_alphas, planned_outputs, prepare_ort
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import verify
 from onnxbits.errors import InvalidModelError
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers
-from onnxbits.normalize import normalize
-from onnxbits.ortgraph import count_fusion, optimized_model
-from onnxbits.pack import graph_view, pack_bits, pack_model, unpack_bits, unpack_model
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import convert, find_sites
+from onnxbits.quant.network import QuantizedNetwork, attach_quantizers
 from onnxbits.quant.ranges import qrange
-from onnxbits.report import analyze_model
-from onnxbits.train import TrainConfig, fine_tune
-from onnxbits.verify import verify
+from onnxbits.report.model import analyze_model
+from onnxbits.train.loop import TrainConfig, fine_tune
 from tests.builders import _Builder, conv_relu_gemm, matmul_mlp, residual_block
 from tests.conftest import calibrated_network, ort_logits, random_input
 

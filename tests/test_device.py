@@ -14,9 +14,10 @@ from click.testing import CliRunner, Result
 from onnxbits.cli.main import main
 
 from onnxbits.config import ShrinkConfig
-from onnxbits.data import ImageTensors, Preprocess
-from onnxbits.device import ResidentImages, check_amp, empty_rows, fast_layout, resolve_device
+from onnxbits.data.decode import ImageTensors
+from onnxbits.data.preprocess import Preprocess
 from onnxbits.errors import ConfigError
+from onnxbits.train.device import ResidentImages, check_amp, empty_rows, fast_layout, resolve_device
 from tests.builders import conv_relu_gemm
 from tests.test_cli_shrink import FAST, error_line, image_folder
 
@@ -40,8 +41,8 @@ def test_fast_layout_makes_cpu_image_batches_channels_last_with_the_same_values(
 
 
 def test_fine_tune_and_reconstruction_feed_channels_last_batches() -> None:
-    from onnxbits.reconstruct import ReconstructConfig, gather_images
-    from onnxbits.train import TrainConfig, fine_tune
+    from onnxbits.train.loop import TrainConfig, fine_tune
+    from onnxbits.train.reconstruct import ReconstructConfig, gather_images
     from tests.conftest import calibrated_network
 
     s = calibrated_network(conv_relu_gemm(classes=4))

@@ -16,15 +16,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from onnxbits.budget import LambdaController, freeze_to_budget
 from onnxbits.config import ShrinkConfig
-from onnxbits.cost import bit_cost
-from onnxbits.data import Preprocess
-from onnxbits.distributed import (DistContext, average_gradients, broadcast_, close,
-                                  init_from_env, shard)
-from onnxbits.insert import layer_bits
+from onnxbits.data.preprocess import Preprocess
 from onnxbits.quant import fakequant
-from onnxbits.train import TrainConfig, fine_tune
+from onnxbits.quant.cost import bit_cost
+from onnxbits.quant.network import layer_bits
+from onnxbits.train.budget import LambdaController, freeze_to_budget
+from onnxbits.train.distributed import (
+    DistContext,
+    average_gradients,
+    broadcast_,
+    close,
+    init_from_env,
+    shard,
+)
+from onnxbits.train.loop import TrainConfig, fine_tune
 from tests.builders import conv_relu_gemm
 from tests.test_cli_shrink import image_folder
 from tests.test_train import setup
@@ -167,7 +173,7 @@ def shrink_config(root: Path, output: str) -> ShrinkConfig:
 
 
 def _shrink_worker(rank: int, world: int, port: int, folder: str) -> None:
-    from onnxbits.pipeline import shrink
+    from onnxbits.pipeline.run import shrink
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -179,7 +185,7 @@ def _shrink_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_shrink_on_two_processes_matches_one_and_only_rank_0_writes(tmp_path: Path) -> None:
-    from onnxbits.pipeline import shrink
+    from onnxbits.pipeline.run import shrink
 
     onnx.save(conv_relu_gemm(classes=3), tmp_path / "model.onnx")
     image_folder(tmp_path / "data")

@@ -18,14 +18,16 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from onnxbits.emit import METADATA_KEY, TARGETS, emit
+from onnxbits.config import TARGETS
+from onnxbits.emit.metadata import METADATA_KEY
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import verify
 from onnxbits.errors import VerificationError
-from onnxbits.importer import is_unsigned_tensor
-from onnxbits.insert import QuantizedNetwork
-from onnxbits.normalize import normalize
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import is_unsigned_tensor
+from onnxbits.quant.network import QuantizedNetwork
 from onnxbits.quant.ranges import qrange
-from onnxbits.train import TrainConfig, fine_tune
-from onnxbits.verify import verify
+from onnxbits.train.loop import TrainConfig, fine_tune
 from tests.builders import ALL_BUILDERS
 from tests.conftest import calibrated_network, ort_logits
 

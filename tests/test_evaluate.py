@@ -1,4 +1,4 @@
-"""Tests for onnxbits.evaluate: sessions, batched prediction, top-k, errors."""
+"""Tests for onnxbits.report.evaluate: sessions, batched prediction, top-k, errors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnxbits.data import ImageTensors, Preprocess
+from onnxbits.data.decode import ImageTensors
+from onnxbits.data.preprocess import Preprocess
 from onnxbits.errors import DataError, InvalidModelError
-from onnxbits.evaluate import (
+from onnxbits.report.evaluate import (
     EvalResult,
     agreement,
     evaluate_model,

@@ -1,4 +1,4 @@
-"""Tests for onnxbits.graph: lookups, shapes, quantizable layers and Q/DQ reading."""
+"""Tests for onnxbits.graph.index: lookups, shapes, quantizable layers and Q/DQ reading."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxbits.graph import (
+from onnxbits.graph.index import (
     GraphIndex,
     LayerSite,
     activation_quant,
@@ -16,7 +16,7 @@ from onnxbits.graph import (
     quantizable_nodes,
     weight_bits,
 )
-from onnxbits.normalize import name_nodes
+from onnxbits.graph.normalize import name_nodes
 from tests import builders
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from onnxbits.guard import enforce_max_drop, sensitivities
-from onnxbits.insert import QuantizedNetwork
+from onnxbits.quant.network import QuantizedNetwork
+from onnxbits.train.guard import enforce_max_drop, sensitivities
 from tests.builders import residual_block
 from tests.conftest import calibrated_network
 

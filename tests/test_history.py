@@ -1,4 +1,4 @@
-"""Tests for onnxbits.history: JSON/CSV round trips, the history plot and the run outputs."""
+"""Tests for onnxbits.train.history: JSON/CSV round trips, the history plot and the run outputs."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ import numpy as np
 import pytest
 
 from onnxbits.errors import InvalidModelError
-from onnxbits.history import (
+from onnxbits.pipeline.outputs import run_output_paths, write_run_outputs
+from onnxbits.report.history import plot_history
+from onnxbits.report.model import analyze_model
+from onnxbits.train.history import (
     FIELDS,
+    StepRecord,
     history_from_csv,
     history_from_json,
     history_to_csv,
     history_to_json,
-    plot_history,
-    run_output_paths,
-    write_run_outputs,
 )
-from onnxbits.report import analyze_model
-from onnxbits.train import StepRecord
 from tests import builders
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

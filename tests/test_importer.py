@@ -12,8 +12,8 @@ import torch
 from onnx import TensorProto, helper
 
 from onnxbits.errors import UnsupportedOpError
-from onnxbits.importer import convert, find_sites, is_unsigned_tensor
-from onnxbits.normalize import normalize, opset_of
+from onnxbits.graph.normalize import normalize, opset_of
+from onnxbits.importer.convert import convert, find_sites, is_unsigned_tensor
 from tests.builders import (
     ALL_BUILDERS,
     _Builder,

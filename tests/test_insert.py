@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import attach_quantizers
-from onnxbits.normalize import normalize
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import convert, find_sites
+from onnxbits.quant.network import attach_quantizers
 from tests.builders import ALL_BUILDERS
 
 

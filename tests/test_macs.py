@@ -1,4 +1,4 @@
-"""Tests for onnxbits.macs: hand-computed params and MACs per sample."""
+"""Tests for onnxbits.graph.macs: hand-computed params and MACs per sample."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxbits.macs
-from onnxbits.graph import GraphIndex, quantizable_nodes
-from onnxbits.macs import LayerCost, layer_cost, model_costs
+import onnxbits.graph.macs
+from onnxbits.graph.index import GraphIndex, quantizable_nodes
+from onnxbits.graph.macs import LayerCost, layer_cost, model_costs
 from tests import builders
 
 
@@ -29,7 +29,7 @@ def _single(op: str, x_shape: list[int | str], w_shape: tuple[int, ...], y_rank:
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(onnxbits.macs).failed == 0
+    assert doctest.testmod(onnxbits.graph.macs).failed == 0
 
 
 def test_conv_relu_gemm_by_hand() -> None:

@@ -22,14 +22,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxbits.emit import emit
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import Verification, verify
 from onnxbits.errors import UnsupportedOpError
-from onnxbits.importer import FloatLayer, convert, find_sites, float_layers
-from onnxbits.insert import attach_quantizers, calibrate
-from onnxbits.io import load_model
-from onnxbits.normalize import normalize, opset_of
-from onnxbits.train import TrainConfig, fine_tune
-from onnxbits.verify import Verification, verify
+from onnxbits.graph.io import load_model
+from onnxbits.graph.normalize import normalize, opset_of
+from onnxbits.importer.convert import FloatLayer, convert, find_sites, float_layers
+from onnxbits.quant.network import attach_quantizers, calibrate
+from onnxbits.train.loop import TrainConfig, fine_tune
 from tests.builders import conv_relu_gemm, make_model
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -403,7 +403,7 @@ def test_layers_that_cannot_be_quantized_stay_in_float_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "float_kept.onnx"
     onnx.save(float_kept_layers(), path)
-    with caplog.at_level(logging.WARNING, logger="onnxbits.importer"):
+    with caplog.at_level(logging.WARNING, logger="onnxbits.importer.convert"):
         outcome = shrink_in_library(path)
     assert outcome.sites == ["conv"]
     assert [(f.node, f.op) for f in outcome.floats] == [("scaled_gemm", "Gemm"),

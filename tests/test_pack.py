@@ -1,5 +1,5 @@
 """The ``pack`` target's size: what each layer's weight costs in the file
-(:func:`onnxbits.pack.weight_storage`) against the issue's bound, 1.1 x (learned bits / 32) x the
+(:func:`onnxbits.emit.pack.weight_storage`) against the issue's bound, 1.1 x (learned bits / 32) x the
 float weight bytes, on a model with realistically sized layers at fixed bits (no fine-tune)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from onnxbits.deploy import limit_clip_alphas, prepare_ort
-from onnxbits.emit import emit
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
-from onnxbits.normalize import normalize
-from onnxbits.pack import unpack_model, weight_storage
-from onnxbits.verify import verify
+from onnxbits.emit.pack import unpack_model, weight_storage
+from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import verify
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import convert, find_sites
+from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate
 from tests.builders import _Builder
 from tests.conftest import random_input
 

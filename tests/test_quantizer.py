@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import onnxbits.qparams as qparams_module
+import onnxbits.emit.qparams as qparams_module
 import onnxbits.quant.quantizer as quantizer_module
 import onnxbits.quant.ranges as ranges_module
 from onnxbits.quant.fakequant import levels

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from onnxbits.cli.main import main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -76,7 +75,7 @@ def test_real_graphs_split_into_blocks_that_chain_into_the_network(model: str,
     import onnx
     import torch
 
-    from onnxbits.reconstruct import split_blocks
+    from onnxbits.train.reconstruct import split_blocks
     from tests.conftest import calibrated_network
 
     s = calibrated_network(onnx.load(str(SHARED / "models" / model)), batch=4)

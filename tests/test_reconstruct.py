@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from onnxbits.reconstruct import (
-    ReconstructConfig, bytes_per_input, find_cuts, gather_images, reconstruct, split_blocks)
-from onnxbits.train import TrainConfig, fine_tune, freeze_all
+from onnxbits.train.loop import TrainConfig, fine_tune, freeze_all
+from onnxbits.train.reconstruct import (
+    ReconstructConfig,
+    bytes_per_input,
+    find_cuts,
+    gather_images,
+    reconstruct,
+    split_blocks,
+)
 from tests.builders import ALL_BUILDERS, linear_bottleneck, residual_block
 from tests.conftest import Calibrated, calibrated_network
 

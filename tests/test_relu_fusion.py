@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import fx, nn
 
-from onnxbits.deploy import limit_clip_alphas, prepare_ort
-from onnxbits.emit import emit
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, _clamp_of, attach_quantizers, calibrate
-from onnxbits.normalize import normalize
-from onnxbits.train import TrainConfig, fine_tune
-from onnxbits.verify import verify
+from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import verify
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import convert, find_sites
+from onnxbits.quant.network import QuantizedNetwork, _clamp_of, attach_quantizers, calibrate
+from onnxbits.train.loop import TrainConfig, fine_tune
 from tests.builders import OPSET, _Builder, make_model
 from tests.conftest import ort_session, random_input
 

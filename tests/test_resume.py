@@ -17,14 +17,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from onnxbits.checkpoint import CheckpointSpec
 from onnxbits.config import ShrinkConfig
-from onnxbits.emit import emit
+from onnxbits.emit.targets import emit
 from onnxbits.errors import ConfigError
-from onnxbits.importer import convert, find_sites
-from onnxbits.insert import QuantizedNetwork, attach_quantizers, calibrate
-from onnxbits.normalize import normalize
-from onnxbits.train import StepRecord, TrainConfig, fine_tune, freeze_all
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import convert, find_sites
+from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate
+from onnxbits.train.checkpoint import CheckpointSpec
+from onnxbits.train.history import StepRecord
+from onnxbits.train.loop import TrainConfig, fine_tune, freeze_all
 from tests.builders import conv_relu_gemm
 from tests.conftest import random_input
 
@@ -261,6 +262,7 @@ def test_same_seed_gives_byte_identical_models_across_processes(reference: tuple
 
 def test_same_seed_gives_byte_identical_cli_output(tmp_path: Path) -> None:
     from onnxbits.cli.main import main
+
     from tests.test_cli_shrink import image_folder
 
     onnx.save(conv_relu_gemm(classes=3), tmp_path / "model.onnx")
@@ -315,14 +317,14 @@ def interrupting_fine_tune(at_step: int) -> object:
 @pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH)
 def test_cli_interrupt_then_resume_gives_the_same_bytes(cli_workspace: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import onnxbits.pipeline
+    import onnxbits.pipeline.run
 
     root = cli_workspace
     reference = cli_shrink(root, root / "ref.onnx")
     assert reference.exit_code == 0, reference.output
     assert not (root / "ref.ckpt").exists()                     # removed after success
     with monkeypatch.context() as patch:
-        patch.setattr(onnxbits.pipeline, "fine_tune", interrupting_fine_tune(4))
+        patch.setattr(onnxbits.pipeline.run, "fine_tune", interrupting_fine_tune(4))
         stopped = cli_shrink(root, root / "out.onnx", "--checkpoint-every", "3")
     assert stopped.exit_code == 130, stopped.output
     assert "out.ckpt: rerun the same command with --resume" in stopped.stderr
@@ -336,11 +338,11 @@ def test_cli_interrupt_then_resume_gives_the_same_bytes(cli_workspace: Path,
 @pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH)
 def test_cli_resume_with_other_options_fails_clearly(cli_workspace: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import onnxbits.pipeline
+    import onnxbits.pipeline.run
 
     root = cli_workspace
     with monkeypatch.context() as patch:
-        patch.setattr(onnxbits.pipeline, "fine_tune", interrupting_fine_tune(2))
+        patch.setattr(onnxbits.pipeline.run, "fine_tune", interrupting_fine_tune(2))
         assert cli_shrink(root, root / "out.onnx").exit_code == 130
     other = cli_shrink(root, root / "out.onnx", "--resume", "--lambda", "0.2")
     assert other.exit_code == 2, other.output

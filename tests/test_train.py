@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from onnxbits.emit import emit
-from onnxbits.train import StepRecord, fine_tune
-from onnxbits.losses import task_loss
-from onnxbits.sampler import batch_indices
-from onnxbits.train_config import TrainConfig
-from onnxbits.verify import verify
+from onnxbits.data.sampler import batch_indices
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import verify
+from onnxbits.train.config import TrainConfig
+from onnxbits.train.history import StepRecord
+from onnxbits.train.loop import fine_tune
+from onnxbits.train.losses import task_loss
 from tests.builders import conv_relu_gemm
 from tests.conftest import Calibrated, calibrated_network
 

@@ -1,0 +1,147 @@
+"""What a shrink run reads and checks before it trains: the output path, the data splits, the
+batch size and labels, and the fine-tune's batch source.
+
+Every check raises a :class:`onnxbits.errors.ConfigError` or :class:`onnxbits.errors.DataError`
+that names the option to change; nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from onnxbits.config import ShrinkConfig
+from onnxbits.data.decode import ImageTensors, decode_images
+from onnxbits.data.files import holdout_split, load_image_set, select_files, split_data_dir
+from onnxbits.errors import ConfigError, DataError
+from onnxbits.graph.io import fixed_batch
+from onnxbits.train.device import ResidentImages
+
+Event = Callable[[str, dict[str, Any]], None]
+Fetch = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def check_output_path(model_path: Path, output: Path) -> None:
+    """Refuse to overwrite the input or to write into a missing or read-only folder.
+
+    Writability is probed with a temporary file (``os.access`` says yes to root on read-only
+    file systems).
+    """
+    if output.resolve() == model_path.resolve():
+        raise ConfigError(f"output {output} is the input model; choose another -o/--output path")
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"output folder {folder} does not exist; create it or change -o/--output")
+    if output.suffix != ".onnx":
+        raise ConfigError(f"output {output} must end in .onnx; change -o/--output")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxbits-probe.", dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"output folder {folder} is not writable ({exc.strerror}); "
+                          "change -o/--output") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_batch_size(model: onnx.ModelProto, batch_size: int) -> None:
+    """A model with a fixed batch dimension runs only at that batch size."""
+    fixed = fixed_batch(model)
+    if fixed is not None and fixed[1] != batch_size:
+        raise ConfigError(f"model input '{fixed[0]}' has a fixed batch of {fixed[1]}; use "
+                          f"--batch-size {fixed[1]} or re-export the model with a dynamic batch")
+
+
+def emit_event(on_event: Event | None, kind: str, **info: Any) -> None:
+    if on_event is not None:
+        on_event(kind, info)
+
+
+class StageClock:
+    """Announces the stages of a run (``stage`` events) and times them: a stage lasts from its
+    :meth:`start` to the next stage's start or to :meth:`seconds`."""
+
+    def __init__(self, on_event: Event | None) -> None:
+        self.on_event = on_event
+        self.times: dict[str, float] = {}
+        self._current: str | None = None
+        self._since = 0.0
+
+    def start(self, name: str, **info: Any) -> None:
+        """End the current stage, start ``name`` and emit its ``stage`` event."""
+        self._close()
+        self._current, self._since = name, time.perf_counter()
+        emit_event(self.on_event, "stage", name=name, **info)
+
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds per stage so far (the current stage ends here)."""
+        self._close()
+        return dict(self.times)
+
+    def _close(self) -> None:
+        if self._current is not None:
+            elapsed = time.perf_counter() - self._since
+            self.times[self._current] = round(self.times.get(self._current, 0.0) + elapsed, 3)
+            self._current = None
+
+
+def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
+                ) -> tuple[ImageTensors, ImageTensors, dict[str, Any]]:
+    """Decode the fine-tune split and the held-out evaluation split (never trained on)."""
+    train_dir, val_dir = split_data_dir(cfg.data)
+    if cfg.eval_data is not None:
+        val_dir = Path(cfg.eval_data)
+    elif val_dir is None and cfg.eval_include is not None:
+        val_dir = train_dir
+    train_set = select_files(load_image_set(train_dir, cfg.classes), cfg.include, "--include")
+    if val_dir is not None:
+        eval_set = select_files(load_image_set(val_dir, cfg.classes), cfg.eval_include,
+                                "--eval-include")
+        split = {"train": str(train_dir), "eval": str(val_dir)}
+    else:
+        train_idx, eval_idx = holdout_split(len(train_set), cfg.eval_fraction, cfg.seed)
+        eval_set, train_set = train_set.subset(eval_idx), train_set.subset(train_idx)
+        split = {"train": str(train_dir),
+                 "eval": f"held-out {cfg.eval_fraction:.0%} of {train_dir} (seed {cfg.seed})"}
+    if cfg.max_train_images is not None and len(train_set) > cfg.max_train_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))
+                       [:cfg.max_train_images])
+        train_set = train_set.subset(keep)
+    progress = (lambda k: emit_event(on_event, "decode", n=k))
+    emit_event(on_event, "stage", name="decode", total=len(train_set) + len(eval_set))
+    train, bad_train = decode_images(train_set, cfg.preprocess, workers=2, progress=progress)
+    evaluation, bad_eval = decode_images(eval_set, cfg.preprocess, workers=2, progress=progress)
+    split.update(n_train=len(train), n_eval=len(evaluation), bad_images=bad_train + bad_eval)
+    if len(train) == 0 or len(evaluation) == 0:
+        raise DataError(f"{cfg.data}: too few images to fine-tune and evaluate; add images")
+    return train, evaluation, split
+
+
+def batch_fetcher(train: ImageTensors, device: torch.device) -> tuple[Fetch, bool]:
+    """``fetch(indices) -> (inputs, labels or None)`` for the fine-tune, and whether the images
+    are held on ``device`` (:class:`onnxbits.train.device.ResidentImages`: on CUDA when the uint8
+    images take at most a quarter of the free GPU memory)."""
+    resident = None
+    if device.type == "cuda" and train.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+        resident = ResidentImages(train.images, train.pre.lookup_table(), device)
+    labels = torch.from_numpy(train.labels) if train.has_labels else None
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = resident.batch(idx) if resident is not None else torch.from_numpy(train.batch(idx))
+        return x, (labels[idx] if labels is not None else None)
+
+    return fetch, resident is not None
+
+
+def check_labels(tensors: ImageTensors, outputs: int) -> None:
+    """Labels must index the model's outputs."""
+    if tensors.has_labels and len(tensors.labels) and int(tensors.labels.max()) >= outputs:
+        raise DataError(f"label {int(tensors.labels.max())} is out of range for the model's "
+                        f"{outputs} outputs; check --classes and --label-offset")

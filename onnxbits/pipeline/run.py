@@ -1,0 +1,339 @@
+"""``shrink``: import -> quantize -> fine-tune -> freeze -> emit -> verify -> evaluate -> write.
+
+The fine-tune runs on ``--device`` (the network and batches move there; teacher logits come from
+ONNX Runtime on the CPU), with ``--amp`` autocast, and under ``torchrun`` on several processes
+(:mod:`onnxbits.train.distributed`); the network then returns to the CPU for emission and verification.
+
+Nothing is written until the emitted model has passed verification; the model and its JSON report
+are written atomically, and the input file is only read. The fine-tune checkpoints to ``OUT.ckpt``
+every ``--checkpoint-every`` steps and on Ctrl-C; ``--resume`` continues from it (refusing a
+checkpoint written with other options or another model), and a successful run deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import fx
+
+from onnxbits.config import ShrinkConfig
+from onnxbits.data.decode import ImageTensors
+from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
+from onnxbits.emit.targets import emit
+from onnxbits.emit.verify import verify
+from onnxbits.errors import ConfigError, InvalidModelError
+from onnxbits.graph.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
+from onnxbits.graph.normalize import normalize
+from onnxbits.importer.convert import (
+    FloatLayer,
+    Site,
+    convert,
+    find_sites,
+    float_layer_warnings,
+    float_layers,
+)
+from onnxbits.pipeline.inputs import (
+    Event,
+    StageClock,
+    batch_fetcher,
+    check_batch_size,
+    check_labels,
+    check_output_path,
+    emit_event,
+    load_splits,
+)
+from onnxbits.pipeline.outputs import write_run_outputs
+from onnxbits.pipeline.summary import (
+    apply_guard,
+    build_report,
+    config_dict,
+    runtime_info,
+)
+from onnxbits.pipeline.summary import torch_logits as torch_logits
+from onnxbits.quant.cost import bit_cost
+from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
+from onnxbits.report.evaluate import make_session, predict_logits
+from onnxbits.train.budget import LambdaController, budget_target, freeze_to_budget
+from onnxbits.train.checkpoint import (
+    CheckpointSpec,
+    checkpoint_path,
+    remove_checkpoint,
+    run_fingerprint,
+)
+from onnxbits.train.config import TrainConfig
+from onnxbits.train.device import check_amp, configure_cpu
+from onnxbits.train.distributed import DistContext, close, init_from_env
+from onnxbits.train.history import StepRecord
+from onnxbits.train.loop import fine_tune
+from onnxbits.train.reconstruct import BlockResult
+
+__all__ = ["ShrinkResult", "budget_target", "check_batch_size", "check_output_path",
+           "default_output", "load_splits", "shrink", "torch_logits"]
+
+
+@dataclass
+class ShrinkResult:
+    """What a shrink produced: paths, accuracies, the per-layer report and the history."""
+
+    output: Path
+    report_path: Path
+    report: dict[str, Any]
+    history: list[StepRecord] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # OUT.png, OUT.history.{json,csv,png}
+    main: bool = True      # False on the torchrun processes other than rank 0 (nothing written)
+
+
+def default_output(model_path: Path) -> Path:
+    """``model.onnx`` -> ``model.bits.onnx`` next to the input."""
+    return model_path.with_name(model_path.stem + ".bits.onnx")
+
+
+def shrink(model_path: str | Path, cfg: ShrinkConfig,
+           on_event: Event | None = None) -> ShrinkResult:
+    """Learn bitlengths for ``model_path`` and write the quantized model and its report.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this: they fine-tune together
+    (:mod:`onnxbits.train.distributed`), then only rank 0 runs the accuracy guard, emits, verifies,
+    evaluates and writes; the other processes return a result with ``main=False`` and an empty
+    report. torch's thread count and denormal flushing are restored on return (the allocator
+    setting of :func:`onnxbits.train.device.configure_cpu` stays for the process).
+    """
+    threads = torch.get_num_threads()
+    ctx = init_from_env(cfg.device)
+    try:
+        try:
+            check_amp(cfg.amp_dtype(), ctx.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return _shrink(Path(model_path), cfg, on_event if ctx.is_main else None, ctx)
+    finally:
+        close(ctx, wait=False)
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Inputs:
+    """What the fine-tune starts from: the normalized model and its float torch graph, the
+    quantizable sites and the layers left in float, both image splits with the float model's
+    logits on them (ONNX Runtime), the task loss and the warnings so far."""
+
+    model: onnx.ModelProto
+    float_graph: fx.GraphModule
+    sites: list[Site]
+    floats: list[FloatLayer]
+    train: ImageTensors
+    evaluation: ImageTensors
+    split: dict[str, Any]
+    loss: str
+    teacher_train: np.ndarray
+    float_eval: np.ndarray
+    warnings: list[str]
+
+
+def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
+                 ctx: DistContext, stages: StageClock, on_event: Event | None) -> _Inputs:
+    """Import the model (``stages``: import), load the splits, and compute the float model's
+    logits on them (``stages``: teacher); user errors raise :class:`ConfigError` or
+    :class:`InvalidModelError`."""
+    stages.start("import")
+    model = normalize(original, str(model_path))
+    float_graph = convert(model, str(model_path))
+    sites = find_sites(model, float_graph)
+    floats = float_layers(model, float_graph)
+    warnings = float_layer_warnings(str(model_path), model, floats, cfg.skip_unsupported)
+    if not sites:
+        raise InvalidModelError(f"{model_path}: no quantizable layer (Conv, Gemm or MatMul with a "
+                                "constant weight); nothing to shrink")
+    check_batch_size(original, cfg.batch_size)
+    train, evaluation, split = load_splits(cfg, on_event)
+    if split["bad_images"]:
+        warnings.append(f"skipped {split['bad_images']} unreadable image(s) in {cfg.data}; "
+                        "remove or re-encode them")
+    if cfg.augment == "flip":
+        train = train.with_mirrors()
+        split["n_train_views"] = len(train)
+    loss = cfg.task_loss(train.has_labels)
+    if loss != "kd" and not train.has_labels:
+        raise ConfigError(f"--loss {cfg.loss} needs labels but {cfg.data} has none; use --loss kd")
+    if min(cfg.batch_size, len(train)) < ctx.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (with {len(train)} fine-tune images) is "
+                          f"smaller than the {ctx.world} torchrun processes; raise --batch-size")
+    stages.start("teacher")
+    session = make_session(original, threads=cfg.threads)
+    teacher_train = predict_logits(session, train, batch_size=cfg.batch_size)
+    float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
+    check_labels(train, teacher_train.shape[1])
+    return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
+                   teacher_train, float_eval, warnings)
+
+
+def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
+    """The fine-tune's configuration from the shrink options."""
+    return TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
+                       lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
+                       bits_lr=cfg.bits_lr, lam=cfg.lam,
+                       objective=objective, loss=loss, temperature=cfg.temperature,
+                       reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
+                       seed=cfg.seed, amp=cfg.amp_dtype())
+
+
+def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
+                       ) -> tuple[QuantizedNetwork, list[torch.Tensor]]:
+    """The float graph with quantizers attached and calibrated on the first (at most 4)
+    fine-tune batches, and those batches."""
+    net = attach_quantizers(inputs.model, inputs.float_graph, inputs.sites,
+                            min_bits=cfg.min_bits, min_act_bits=cfg.act_floor,
+                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel")
+    train = inputs.train
+    calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
+             for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
+    if cfg.target in ("ort", "pack"):
+        prepare_ort(inputs.model, net)
+    calibrate(net, calib)
+    return net, calib
+
+
+def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
+            ctx: DistContext) -> ShrinkResult:
+    started = time.perf_counter()
+    stages = StageClock(on_event)
+    output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
+    report_path = output.with_suffix(".json")
+    original = load_model(model_path)
+    check_output_path(model_path, output)
+    found = quantized_nodes(original)
+    if found:
+        raise InvalidModelError(
+            f"{model_path}: already quantized (node '{found[0].name}' is {found[0].op_type}); "
+            "pass the float model")
+    cpu = configure_cpu(cfg.threads, keep_memory=ctx.device.type == "cpu")
+    torch.manual_seed(cfg.seed)
+    inputs = _load_inputs(model_path, original, cfg, ctx, stages, on_event)
+    model, float_graph, train, warnings = (inputs.model, inputs.float_graph, inputs.train,
+                                           inputs.warnings)
+    net, calib = _quantized_network(cfg, inputs)
+    objective, budget = budget_target(cfg, net)
+    tcfg = _train_config(cfg, objective, inputs.loss)
+    moved: list[str] = []
+    ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
+                          fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
+                          extra={"moved": moved})
+    controller = None
+    if budget is not None:
+        start = float(bit_cost(objective, layer_bits(net)).detach())
+        controller = LambdaController(budget, start, tcfg.learn_steps(), net=net,
+                                      objective=objective)
+    freeze = _freezer(objective, budget, moved)
+    fetch, resident = batch_fetcher(train, ctx.device)
+    teacher = torch.from_numpy(inputs.teacher_train)
+    steps_run: list[StepRecord] = []
+    blocks: list[dict[str, Any]] = []
+
+    def on_step(record: StepRecord) -> None:
+        steps_run.append(record)
+        emit_event(on_event, "step", record=record)
+
+    def on_block(result: BlockResult) -> None:
+        blocks.append(result.to_dict())
+        emit_event(on_event, "block", result=result)
+
+    stages.start("fine-tune", total=cfg.steps)
+    net.graph.to(ctx.device)
+    block_graph = float_graph.to(ctx.device) if tcfg.needs_float_graph() else None
+    tuned = time.perf_counter()
+    history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
+                        lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
+                        float_graph=block_graph, on_block=on_block)
+    float_graph.cpu()
+    tuned = time.perf_counter() - tuned
+    if blocks and blocks[0]["inputs"] < blocks[0]["wanted"]:
+        warnings.append(f"block reconstruction ran on {blocks[0]['inputs']} of its "
+                        f"{blocks[0]['wanted']} inputs (a seeded subset): the tensors of all of "
+                        "them would not fit in the free memory; free memory or use fewer "
+                        "images (--max-train-images) to choose the subset yourself")
+    close(ctx)
+    if not ctx.is_main:
+        return ShrinkResult(output, report_path, {}, history, main=False)
+    runtime = runtime_info(ctx, cfg.amp, cpu, len(steps_run), min(cfg.batch_size, len(train)),
+                           tuned, resident)
+    net.graph.cpu()
+    guard: dict[str, Any] = {}
+    if cfg.max_drop is not None:
+        stages.start("accuracy guard")
+        guard = _guard(cfg, tcfg, inputs, net, calib, fetch, teacher, ctx.device)
+    if cfg.target in ("ort", "pack"):
+        limit_clip_alphas(model, net)
+    stages.start("emit")
+    source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
+              "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
+              "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
+              "min_act_bits": cfg.act_floor,
+              "max_bits": cfg.max_bits, "granularity": cfg.granularity}
+    emitted = emit(model, net, cfg.target, source=source)
+    verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
+    stages.start("evaluate")
+    report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
+    report["config"]["task_loss"] = inputs.loss
+    report.update(
+        model=str(model_path), output=str(output), data=inputs.split,
+        verification=verification.to_dict(), guard=guard, warnings=warnings,
+        float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in inputs.floats],
+        budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
+                "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
+        reconstruction=blocks,
+        runtime={**runtime, "stages": stages.seconds()},
+        seconds=round(time.perf_counter() - started, 1))
+    save_model_atomic(emitted, output)
+    write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
+    outputs = write_run_outputs(output, report, history)
+    remove_checkpoint(ckpt.path)
+    return ShrinkResult(output, report_path, report, history, outputs)
+
+
+def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: QuantizedNetwork,
+           calib: list[torch.Tensor], fetch: Callable[[np.ndarray], Any], teacher: torch.Tensor,
+           device: torch.device) -> dict[str, Any]:
+    """The accuracy guard (``net`` on the CPU); its retune is a frozen-bit fine-tune of
+    ``max(20, frozen steps / 3)`` steps on ``device``."""
+    retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
+                             batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
+                             alpha_lr=cfg.alpha_lr, loss=inputs.loss,
+                             temperature=cfg.temperature, seed=cfg.seed + 1,
+                             amp=cfg.amp_dtype())
+
+    def retune() -> None:
+        net.graph.to(device)
+        try:
+            fine_tune(net, fetch, teacher, len(inputs.train), retune_cfg)
+        finally:
+            net.graph.cpu()
+
+    return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_eval, calib,
+                       inputs.teacher_train, retune)
+
+
+def _freezer(objective: str, budget: float | None,
+             moved: list[str]) -> Callable[[QuantizedNetwork], None] | None:
+    """The freeze at the end of the learning phase onto the budget when there is one (``moved``
+    receives the groups moved off their rounded bits); None: the plain freeze."""
+    if budget is None:
+        return None
+
+    def freeze(net: QuantizedNetwork) -> None:
+        moved.extend(freeze_to_budget(net, objective, budget))
+    return freeze
+
+
+def _resume_options(cfg: ShrinkConfig) -> dict[str, Any]:
+    """The options a resumed run must share (all but output, threads and checkpointing)."""
+    skip = {"output", "threads", "checkpoint_every", "resume"}
+    return {k: v for k, v in config_dict(cfg).items() if k not in skip}

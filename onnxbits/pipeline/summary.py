@@ -1,0 +1,129 @@
+"""Measuring a shrink run and assembling its JSON report (used by :mod:`onnxbits.pipeline.run`).
+
+Accuracies are measured on the evaluation split: the float model and the emitted model in ONNX
+Runtime, and the torch model at the frozen bits (``torch_sim_k_bit``). ``agreement`` is the share
+of images on which a model's top-1 equals the float model's; the accuracy guard's drop is
+``top1_float - top1`` with labels, else ``100 - agreement``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from onnxbits.config import ShrinkConfig
+from onnxbits.data.decode import ImageTensors
+from onnxbits.emit.targets import emit
+from onnxbits.quant.network import QuantizedNetwork
+from onnxbits.report.evaluate import agreement, make_session, predict_logits, topk_accuracy
+from onnxbits.train.device import device_name, fast_layout
+from onnxbits.train.distributed import DistContext
+
+
+def accuracy(logits: np.ndarray, tensors: ImageTensors, reference: np.ndarray) -> dict[str, float]:
+    """Agreement with ``reference`` and, with labels, top-1/top-5 in percent."""
+    out: dict[str, float] = {"agreement": agreement(logits, reference)}
+    if tensors.has_labels:
+        result = topk_accuracy(logits, tensors.labels)
+        out.update(top1=result.top1, top5=result.top5)
+    return out
+
+
+@torch.no_grad()
+def torch_logits(net: QuantizedNetwork, tensors: ImageTensors, batch_size: int) -> np.ndarray:
+    """Logits of the torch (simulated k-bit) model on every image, computed on the device the
+    network is on."""
+    device = net.device
+    parts = []
+    for start in range(0, len(tensors), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(tensors)))
+        x = fast_layout(torch.from_numpy(tensors.batch(idx)).to(device))
+        parts.append(net(x).float().cpu().numpy())
+    return np.concatenate(parts)
+
+
+def accuracy_drop(logits: np.ndarray, tensors: ImageTensors, float_logits: np.ndarray) -> float:
+    """Top-1 points lost vs the float model (labels), else 100 - agreement with it."""
+    if tensors.has_labels:
+        return (topk_accuracy(float_logits, tensors.labels).top1
+                - topk_accuracy(logits, tensors.labels).top1)
+    return 100.0 - agreement(logits, float_logits)
+
+
+def apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork,
+                evaluation: ImageTensors, float_eval: np.ndarray, calib: list[torch.Tensor],
+                teacher_train: np.ndarray, retune: Callable[[], object]) -> dict[str, Any]:
+    """Run :func:`onnxbits.train.guard.enforce_max_drop` with the drop measured on the emitted model
+    in ONNX Runtime on the evaluation split (``net`` on the CPU)."""
+    from onnxbits.train.guard import enforce_max_drop
+
+    def measure() -> float:
+        session = make_session(emit(model, net, cfg.target), threads=cfg.threads)
+        return accuracy_drop(predict_logits(session, evaluation, batch_size=cfg.batch_size),
+                             evaluation, float_eval)
+
+    teachers = calib_teachers(calib, teacher_train, cfg.batch_size)
+    drop, raised = enforce_max_drop(net, measure, cfg.max_drop, calib, teachers, retune)
+    return {"max_drop": cfg.max_drop, "final_drop": drop, "held": drop <= cfg.max_drop,
+            "raised": raised}
+
+
+def calib_teachers(calib: list[torch.Tensor], teacher_train: np.ndarray,
+                   batch_size: int) -> list[torch.Tensor]:
+    """The float model's logits for each calibration batch (batch ``i`` holds fine-tune images
+    ``i * batch_size`` onwards)."""
+    return [torch.from_numpy(teacher_train[i * batch_size:i * batch_size + len(x)])
+            for i, x in enumerate(calib)]
+
+
+def config_dict(cfg: ShrinkConfig) -> dict[str, Any]:
+    """The options as plain JSON values."""
+    out = {}
+    for key, value in cfg.__dict__.items():
+        out[key] = str(value) if isinstance(value, Path) else value
+    out["min_act_bits"] = cfg.act_floor
+    out["preprocess"] = (cfg.preprocess.__dict__ if hasattr(cfg.preprocess, "__dict__")
+                         else str(cfg.preprocess))
+    return json.loads(json.dumps(out, default=str))
+
+
+def runtime_info(ctx: DistContext, amp: str, cpu: dict[str, object], steps: int, images: int,
+                 seconds: float, resident: bool) -> dict[str, Any]:
+    """Where and how fast the fine-tune ran: ``images_per_second = steps * images / seconds``
+    with ``images`` the global batch (every process's shard together) and ``seconds`` the wall
+    time of the fine-tune's ``steps`` steps in this run."""
+    return {"device": str(ctx.device), "device_name": device_name(ctx.device), "amp": amp,
+            "world_size": ctx.world, "backend": ctx.backend, "torch": torch.__version__,
+            "cpu": cpu, "images_on_device": resident,
+            "fine_tune": {"steps": steps, "batch_size": images, "seconds": round(seconds, 6),
+                          "images_per_second": round(steps * images / seconds, 2)
+                          if seconds > 0 else None}}
+
+
+def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetwork,
+                 evaluation: ImageTensors, float_eval: np.ndarray,
+                 device: torch.device) -> dict[str, Any]:
+    """The per-layer report of ``emitted`` plus target, options and the three accuracies:
+    ``float`` (``float_eval``), ``quantized`` (``emitted`` in ONNX Runtime) and
+    ``torch_sim_k_bit`` (``net`` run on ``device``, then returned to the CPU)."""
+    from onnxbits.report.model import analyze_model
+
+    quant_eval = predict_logits(make_session(emitted, threads=cfg.threads), evaluation,
+                                batch_size=cfg.batch_size)
+    net.graph.to(device)
+    try:
+        sim_eval = torch_logits(net, evaluation, cfg.batch_size)
+    finally:
+        net.graph.cpu()
+    report = analyze_model(emitted).to_dict()
+    report.update(target=cfg.target, config=config_dict(cfg),
+                  accuracy={"float": accuracy(float_eval, evaluation, float_eval),
+                            "quantized": accuracy(quant_eval, evaluation, float_eval),
+                            "torch_sim_k_bit": accuracy(sim_eval, evaluation, float_eval)})
+    return report

@@ -1,0 +1,217 @@
+"""Top-1/top-5 accuracy of an ONNX model in ONNX Runtime (CPU) on decoded images."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxbits.data.decode import ImageTensors, iterate_batches
+from onnxbits.errors import DataError, InvalidModelError
+
+logger = logging.getLogger(__name__)
+
+ModelLike = str | Path | bytes | onnx.ModelProto
+_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(double)": np.float64}
+_FIX_HINT = "choose the model's --preset or set --resize/--crop"
+
+
+@dataclass
+class EvalResult:
+    """Accuracy in percent (0..100) over ``n`` images."""
+
+    top1: float
+    top5: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Return ``{"top1": ..., "top5": ..., "n": ...}``."""
+        return asdict(self)
+
+
+def _model_name(model: ModelLike) -> str:
+    return str(model) if isinstance(model, str | Path) else "<in-memory model>"
+
+
+def make_session(model: ModelLike, threads: int | None = None,
+                 optimize: bool = True) -> ort.InferenceSession:
+    """Open ``model`` in ONNX Runtime on the CPU.
+
+    Args:
+        model: A path, serialized bytes or a ModelProto.
+        threads: Intra-op threads; None lets ONNX Runtime decide.
+        optimize: Full graph optimizations when True, ``ORT_DISABLE_ALL`` when False.
+
+    Raises:
+        InvalidModelError: The file is missing or ONNX Runtime cannot load it.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    name = _model_name(model)
+    if isinstance(model, str | Path):
+        if not Path(model).is_file():
+            raise InvalidModelError(f"model file '{name}' not found; check the path")
+        source: str | bytes = str(model)
+    elif isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    else:
+        source = bytes(model)
+    try:
+        return ort.InferenceSession(source, sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind11 exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {first}; check that it is "
+                                "a valid ONNX model (onnx.checker.check_model)") from exc
+
+
+def _shape_str(dims: list[int | str | None] | tuple[int, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in dims) + "]"
+
+
+def _layout(inp: ort.NodeArg, chw: tuple[int, int, int]) -> str:
+    """Return how images feed the input: ``nchw``, ``nhwc`` or ``flat``; raise on a mismatch."""
+    dims = list(inp.shape) if inp.shape is not None else None
+    if not dims:
+        return "nchw"
+    c, h, w = chw
+
+    def fits(expected: tuple[int, ...]) -> bool:
+        return len(dims) == len(expected) + 1 and all(
+            not isinstance(d, int) or d <= 0 or d == e for d, e in zip(dims[1:], expected))
+
+    if fits((c, h, w)):
+        return "nchw"
+    if fits((h, w, c)):
+        return "nhwc"
+    if fits((c * h * w,)):
+        return "flat"
+    raise DataError(f"model input '{inp.name}' expects shape {_shape_str(dims)} but the images "
+                    f"give {_shape_str(['N', c, h, w])}; {_FIX_HINT}")
+
+
+def predict_logits(session: ort.InferenceSession, tensors: ImageTensors, batch_size: int = 64,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Run every image through ``session``; return float32 logits ``(N, outputs)``.
+
+    A model whose batch dimension is fixed runs in batches of that size (the last one padded).
+    Images feed an NCHW input, an NHWC input (transposed) or a ``[N, C*H*W]`` input (flattened),
+    whichever the declared input shape allows.
+
+    Args:
+        session: From :func:`make_session`; its first input and first output are used.
+        tensors: The decoded images.
+        batch_size: Images per run when the batch dimension is dynamic.
+        progress: Called with the number of images just finished.
+
+    Raises:
+        DataError: The images do not fit the model's declared input shape.
+        InvalidModelError: The model needs several inputs or a non-float input.
+    """
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise InvalidModelError(f"the model has {len(inputs)} inputs ({names}); "
+                                "onnxbits needs exactly one image input")
+    inp = inputs[0]
+    dtype = _INPUT_TYPES.get(inp.type)
+    if dtype is None:
+        raise InvalidModelError(f"model input '{inp.name}' has type {inp.type}; "
+                                "onnxbits needs a float image input")
+    layout = _layout(inp, tensors.shape)
+    batch_dim = inp.shape[0] if inp.shape else None
+    fixed = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+    step = fixed or max(1, batch_size)
+    output = session.get_outputs()[0].name
+    chunks: list[np.ndarray] = []
+    for indices in iterate_batches(len(tensors), step, shuffle=False, seed=0):
+        x = tensors.batch(indices)
+        if layout == "nhwc":
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        elif layout == "flat":
+            x = x.reshape(len(x), -1)
+        if fixed is not None and len(x) < fixed:
+            x = np.concatenate([x, np.zeros((fixed - len(x), *x.shape[1:]), x.dtype)])
+        try:
+            (y,) = session.run([output], {inp.name: x.astype(dtype, copy=False)})
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind11 exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"ONNX Runtime failed on model input '{inp.name}' with a batch of "
+                            f"shape {_shape_str(x.shape)}: {first}; {_FIX_HINT}") from exc
+        chunks.append(np.asarray(y, dtype=np.float32).reshape(len(y), -1)[: len(indices)])
+        if progress is not None:
+            progress(len(indices))
+    if not chunks:
+        raise DataError("no images to run the model on")
+    return np.concatenate(chunks)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """Return top-1/top-5 accuracy (percent) of ``logits (N, K)`` against ``labels (N,)``.
+
+    Top-5 counts the label among the ``min(5, K)`` largest logits.
+
+    >>> topk_accuracy(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1])).to_dict()
+    {'top1': 50.0, 'top5': 100.0, 'n': 2}
+
+    Raises:
+        DataError: A label is unknown (< 0) or not below the number of model outputs.
+    """
+    logits = np.asarray(logits)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise DataError(f"logits {logits.shape} do not match {len(labels)} labels")
+    if len(labels) == 0:
+        raise DataError("no labelled images to score")
+    k = logits.shape[1]
+    if labels.min() < 0:
+        raise DataError("some images have no label; accuracy needs labels.csv or class folders")
+    if labels.max() >= k:
+        raise DataError(f"label {labels.max()} out of range for {k} model outputs; "
+                        "check --label-offset/--classes")
+    top = min(5, k)
+    best = np.argpartition(-logits, top - 1, axis=1)[:, :top]
+    top1 = np.argmax(logits, axis=1) == labels
+    top5 = (best == labels[:, None]).any(axis=1)
+    n = len(labels)
+    return EvalResult(top1=float(100.0 * top1.sum() / n), top5=float(100.0 * top5.sum() / n), n=n)
+
+
+def evaluate_model(model: ModelLike | ort.InferenceSession, tensors: ImageTensors,
+                   batch_size: int = 64, threads: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Return the top-1/top-5 accuracy of ``model`` on the labelled ``tensors``.
+
+    Raises:
+        DataError: The images have no labels or do not fit the model.
+        InvalidModelError: ONNX Runtime cannot load the model.
+    """
+    if not tensors.has_labels:
+        raise DataError("evaluation needs labels; give a folder with labels.csv or class "
+                        "sub-folders (a flat folder of images has none)")
+    session = (model if isinstance(model, ort.InferenceSession)
+               else make_session(model, threads=threads))
+    logits = predict_logits(session, tensors, batch_size=batch_size, progress=progress)
+    return topk_accuracy(logits, tensors.labels)
+
+
+def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
+    """Return the percent of rows whose argmax agrees (for data without labels).
+
+    >>> agreement(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[2.0, 1.0], [3.0, 1.0]]))
+    50.0
+    """
+    a, b = np.asarray(logits_a), np.asarray(logits_b)
+    if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
+        raise DataError(f"cannot compare logits of shapes {a.shape} and {b.shape}")
+    return float(100.0 * np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
