@@ -103,13 +103,11 @@ ABLATIONS: dict[str, dict] = {
     "default: the protocol's recipe (CIFAR: learned scales, loss auto = kd+ce with labels, "
     "floor/ceil interpolation, 30% frozen, activations >= 3 bits; ImageNet: --recipe "
     "reconstruct)": {},
-    "min-max scales (clip values calibrated, not learned)": {"alpha_lr": 0.0},
     "labels only (ce)": {"loss": "ce"},
     "distillation only (kd)": {"loss": "kd"},
     "no frozen-bit fine-tune": {"frozen_steps": 0},
     "50% frozen-bit fine-tune": {"frozen_steps": "half"},
     "horizontal flips (each image and its mirror)": {"augment": "flip"},
-    "bias learning rate 1e-3": {"bias_lr": 1e-3},
     "block reconstruction at the freeze (200 steps per block)": {"reconstruct": 200},
     "block reconstruction instead of the frozen-bit fine-tune": {"reconstruct": 200,
                                                                  "frozen_steps": 0},

@@ -116,7 +116,7 @@ def make_float_step(graph: torch.nn.Module, x: torch.Tensor, teacher: torch.Tens
     def step() -> None:
         with autocast(device, amp):
             out = graph(x)
-        loss = task_loss(out.float(), teacher, None, cfg.loss, cfg.temperature)
+        loss = task_loss(out.float(), teacher, None, cfg.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -140,7 +140,7 @@ def make_quant_step(net: QuantizedNetwork, x: torch.Tensor, teacher: torch.Tenso
     def step() -> None:
         with autocast(device, amp):
             out = net(x)
-        task = task_loss(out.float(), teacher, None, cfg.loss, cfg.temperature)
+        task = task_loss(out.float(), teacher, None, cfg.loss)
         cost = bit_cost(cfg.objective, layer_bits(net))
         loss = task if frozen else task + cfg.lam * cost
         opt.zero_grad(set_to_none=True)

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from onnxbits.cli.groups import GroupedOption
 
 from onnxbits.data.preprocess import PRESETS, Preprocess, resolve_preprocess
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The keyword arguments the decorator adds that feed :func:`preprocess_from_options`.
+#: The ``--help`` heading of these options.
+DATA_GROUP = "data and preprocessing"
+
 PREPROCESS_KEYS = ("preset", "resize", "crop", "mean", "std", "scale", "label_offset")
 
 
@@ -64,28 +68,32 @@ def _describe(pre: Preprocess) -> str:
     return ", ".join(parts)
 
 
+def _option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
+    return click.option(*decls, cls=GroupedOption, group=DATA_GROUP, **kwargs)
+
+
 def _options(data_required: bool) -> list[Callable[[F], F]]:
     return [
-        click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+        _option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      required=data_required,
                      help="Image folder: labels.csv (file,label), class sub-folders or flat "
                           "images. With train/ and val/ inside, val/ is used for measuring."),
-        click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        _option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Class list, one folder name per line; line number = label "
                           "(e.g. ImageNet wnids.txt). Default: numeric or sorted folder names."),
-        click.option("--preset", type=click.Choice(sorted(PRESETS), case_sensitive=False),
+        _option("--preset", type=click.Choice(sorted(PRESETS), case_sensitive=False),
                      metavar="NAME", help=_preset_help()),
-        click.option("--resize", type=click.IntRange(min=1), metavar="N",
+        _option("--resize", type=click.IntRange(min=1), metavar="N",
                      help="Resize the shorter image side to N pixels (bilinear)."),
-        click.option("--crop", type=click.IntRange(min=1), metavar="N",
+        _option("--crop", type=click.IntRange(min=1), metavar="N",
                      help="Center-crop an N x N square after resizing."),
-        click.option("--mean", type=FloatList(), metavar="A[,B,C]",
+        _option("--mean", type=FloatList(), metavar="A[,B,C]",
                      help="Per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406."),
-        click.option("--std", type=FloatList(), metavar="A[,B,C]",
+        _option("--std", type=FloatList(), metavar="A[,B,C]",
                      help="Per-channel std dividing after the mean, e.g. 0.229,0.224,0.225."),
-        click.option("--scale", type=float, metavar="F",
+        _option("--scale", type=float, metavar="F",
                      help="Pixel (0..255) factor before the mean: x = (pixel*F - mean) / std."),
-        click.option("--label-offset", type=int, metavar="K",
+        _option("--label-offset", type=int, metavar="K",
                      help="Model output index = dataset label + K (1 for 1001-class "
                           "TF MobileNets)."),
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from onnxbits.data.preprocess import Preprocess
 from onnxbits.errors import ConfigError
@@ -16,9 +17,9 @@ OBJECTIVES = ("bits", "memory", "bops")
 #: ``--target``: how the emitted graph carries the learned bits (:mod:`onnxbits.emit.targets`).
 TARGETS = ("ort", "exact-sim", "pack")
 LOSSES = ("auto", "kd", "ce", "kd+ce")
-GRANULARITIES = ("layer", "channel")
 AMP_CHOICES = ("off", "bf16", "fp16")
 AUGMENTS = ("none", "flip")
+EVAL_FRACTION = 0.2
 # Activations below 3 bits cost more accuracy than the bits they free (README, recipe ablation).
 DEFAULT_ACT_FLOOR = 3
 #: ``--recipe``: named sets of ShrinkConfig values that replace the defaults (options given
@@ -33,50 +34,124 @@ RECIPES: dict[str, dict[str, object]] = {
 }
 
 
+#: The groups ``onnxbits shrink --help`` lists its options in, in order.
+GROUPS = ("data and preprocessing", "budget and accuracy", "training", "output", "hardware",
+          "advanced")
+
+
+def option(default: Any, group: str, help: str, *, flag: str | None = None,  # noqa: A002
+           metavar: str | None = None, choices: tuple[str, ...] | None = None,
+           path: str | None = None, secondary: str | None = None) -> Any:
+    """A :class:`ShrinkConfig` field that is also a ``shrink`` option.
+
+    The CLI builds its options from these fields (:mod:`onnxbits.cli.shrink`): the flag is
+    ``--<name with dashes>`` unless ``flag`` says otherwise; ``path`` is ``dir`` (an existing
+    folder), ``file`` (an existing file) or ``out`` (a file to write); ``secondary`` is the
+    ``--no-...`` flag of a boolean that defaults to True.
+    """
+    return field(default=default, metadata={
+        "group": group, "help": help, "flag": flag, "metavar": metavar, "choices": choices,
+        "path": path, "secondary": secondary})
+
+
+_DATA, _BUDGET, _TRAIN, _OUT, _HW, _ADV = GROUPS
+
+
 @dataclass(frozen=True)
 class ShrinkConfig:
-    """Everything ``onnxbits shrink`` needs besides the model path."""
+    """Everything ``onnxbits shrink`` needs besides the model path.
+
+    Every field but ``data``, ``classes`` and ``preprocess`` (the data options the commands
+    share) is a ``shrink`` option of the same name: ``target_bits`` is ``--target-bits``.
+    """
 
     data: Path
     preprocess: Preprocess = field(default_factory=Preprocess)
-    output: Path | None = None
-    eval_data: Path | None = None
     classes: Path | None = None
-    include: str | None = None
-    eval_include: str | None = None
-    steps: int = 300
-    frozen_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-4
-    bias_lr: float | None = None
-    alpha_lr: float = 1e-2
-    augment: str = "none"
-    bits_lr: float | None = None
-    lam: float = 0.05
-    target_bits: float | None = None
-    target_size_mb: float | None = None
-    target_bops_g: float | None = None
-    max_drop: float | None = None
-    objective: str = "bits"
-    loss: str = "auto"
-    temperature: float = 1.0
-    reconstruct: int = 0
-    reconstruct_lr: float = 1e-4
-    min_bits: int = 2
-    min_act_bits: int | None = None
-    max_bits: int = 8
-    granularity: str = "layer"
-    target: str = "ort"
-    device: str = "cpu"
-    amp: str = "off"
-    seed: int = 0
-    eval_fraction: float = 0.2
-    verify_batches: int = 2
-    max_train_images: int | None = None
-    threads: int | None = None
-    checkpoint_every: int = 50
-    resume: bool = False
-    skip_unsupported: bool = True
+    eval_data: Path | None = option(
+        None, _DATA, "Separate labelled folder for measuring; default: DATA/val if it exists, "
+        "else a seeded held-out share of DATA (never trained on).", path="dir")
+    include: str | None = option(
+        None, _DATA, "Fine-tune only on images whose path relative to DATA matches GLOB "
+        "(e.g. '*/0[0-4]*.jpg').", metavar="GLOB")
+    eval_include: str | None = option(
+        None, _DATA, "Measure only on images of the eval folder whose relative path matches "
+        "GLOB.", metavar="GLOB")
+    eval_fraction: float = option(
+        EVAL_FRACTION, _DATA, "Share of DATA held out for measuring when there is no separate eval set.")
+    max_train_images: int | None = option(
+        None, _DATA, "Use at most this many fine-tune images (a seeded sample).")
+    augment: str = option(
+        "none", _DATA, "flip: fine-tune on each image and its horizontal mirror. For natural "
+        "images, not text or digits.", choices=AUGMENTS)
+    target_bits: float | None = option(
+        None, _BUDGET, "Budget mode: land on this average per-layer bitlength (lambda adapts).")
+    target_size_mb: float | None = option(
+        None, _BUDGET, "Budget mode: weight bytes at the learned bits, in MB (objective memory).",
+        flag="--target-size")
+    target_bops_g: float | None = option(
+        None, _BUDGET, "Budget mode: bit operations per image, in G (objective bops).",
+        flag="--target-bops")
+    max_drop: float | None = option(
+        None, _BUDGET, "Accuracy guard: after freezing, raise the bits of the most sensitive "
+        "layers until top-1 on the evaluation split is at most this many points below float "
+        "(without labels: 100 - agreement with the float model).")
+    lam: float = option(
+        0.05, _BUDGET, "Weight of the bit cost in the loss: loss = task + lambda * cost (the "
+        "starting value in budget mode).", flag="--lambda")
+    objective: str = option(
+        "bits", _BUDGET, "Bit cost without a budget option: bits = average per-layer bitlength, "
+        "memory = bits per weight (size-weighted), bops = MACs x weight bits x activation bits.",
+        choices=OBJECTIVES)
+    min_bits: int = option(2, _BUDGET, "Smallest bitlength.")
+    min_act_bits: int | None = option(
+        None, _BUDGET, "Smallest activation bitlength [default: the larger of --min-bits and 3, "
+        "at most --max-bits]; weights keep --min-bits.")
+    max_bits: int = option(8, _BUDGET, "Largest (and starting) bitlength.")
+    steps: int = option(
+        300, _TRAIN, "Fine-tune steps in total (learning phase + frozen-bit phase).")
+    frozen_steps: int | None = option(
+        None, _TRAIN, "Steps at frozen integer bits at the end [default: 30% of --steps].")
+    batch_size: int = option(64, _TRAIN, "Images per step.")
+    lr: float = option(1e-4, _TRAIN, "Adam learning rate of the weights and biases.")
+    loss: str = option(
+        "auto", _TRAIN, "Task loss: kd = distillation from the float model (no labels needed), "
+        "ce = cross-entropy on labels, kd+ce = both; auto = kd+ce when the data has labels, "
+        "else kd.", choices=LOSSES)
+    reconstruct: int = option(
+        0, _TRAIN, "At the start of the frozen-bit phase, train each block of the network "
+        "(residual blocks whole, at least 3 layers) for K steps to reproduce the float model's "
+        "block output on the fine-tune images (BRECQ-style; 0: off). With --frozen-steps 0 it "
+        "replaces the frozen-bit fine-tune.", metavar="K")
+    seed: int = option(0, _TRAIN, "Random seed.")
+    output: Path | None = option(
+        None, _OUT, "Output model [default: MODEL.bits.onnx]; the report goes next to it as "
+        ".json.", path="out")
+    target: str = option(
+        "ort", _OUT, "ort = fastest in ONNX Runtime (k-bit weights in int8, activations executed "
+        "in 8 bits over the learned range); exact-sim = exact k-bit weights and activations "
+        "(QuantizeLinear -> Clip -> DequantizeLinear); pack = smallest file (k-bit weight "
+        "streams; onnxbits unpack gives the ort model).", choices=TARGETS)
+    checkpoint_every: int = option(
+        50, _OUT, "Save the fine-tune to OUT.ckpt every N steps (0: only on Ctrl-C); the file is "
+        "deleted when the run succeeds.", metavar="N")
+    resume: bool = option(
+        False, _OUT, "Continue an interrupted run from OUT.ckpt; the options and the model must "
+        "be the same, and the result is the one the uninterrupted run would have given.")
+    device: str = option(
+        "cpu", _HW, "Where the fine-tune runs: cpu, cuda, cuda:N or auto (CUDA when available). "
+        "Under torchrun each process uses cuda:LOCAL_RANK (or the CPU with --device cpu) and "
+        "--batch-size is the global batch.")
+    amp: str = option(
+        "off", _HW, "Mixed precision of the fine-tune's forward pass: bf16 (CPU or CUDA) or fp16 "
+        "(CUDA, with a gradient scaler); the quantizers compute in float32.", choices=AMP_CHOICES)
+    threads: int | None = option(None, _HW, "CPU threads for torch and ONNX Runtime.")
+    bits_lr: float | None = option(
+        None, _ADV, "Adam learning rate of the bitlengths [default: 2 (max-min) / learning "
+        "steps]; 0 keeps every bitlength at --max-bits (a uniform model).")
+    skip_unsupported: bool = option(
+        True, _ADV, "Keep layers that cannot be quantized in float with a warning, instead of "
+        "failing on them.", secondary="--no-skip-unsupported")
 
     def task_loss(self, has_labels: bool) -> str:
         """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``."""
@@ -120,16 +195,10 @@ class ShrinkConfig:
             (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
             (self.bits_lr is None or self.bits_lr >= 0,
              f"--bits-lr must be >= 0, got {self.bits_lr}"),
-            (self.alpha_lr >= 0, f"--alpha-lr must be >= 0, got {self.alpha_lr}"),
-            (self.bias_lr is None or self.bias_lr >= 0,
-             f"--bias-lr must be >= 0, got {self.bias_lr}"),
             (self.augment in AUGMENTS,
              f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.reconstruct >= 0, f"--reconstruct must be >= 0, got {self.reconstruct}"),
-            (self.reconstruct_lr >= 0,
-             f"--reconstruct-lr must be >= 0, got {self.reconstruct_lr}"),
             (self.objective in OBJECTIVES,
              f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
@@ -141,8 +210,6 @@ class ShrinkConfig:
             (self.min_act_bits is None or 2 <= self.min_act_bits <= self.max_bits,
              f"--min-act-bits must be between 2 and --max-bits ({self.max_bits}), "
              f"got {self.min_act_bits}"),
-            (self.granularity in GRANULARITIES,
-             f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"),
             (self.target in TARGETS,
              f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}"),
             (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
@@ -170,6 +237,18 @@ class ShrinkConfig:
              f"--target-size must be > 0 MB, got {self.target_size_mb}"),
             (self.target_bops_g is None or self.target_bops_g > 0,
              f"--target-bops must be > 0 G, got {self.target_bops_g}"),
+        ]
+        implied = self.budget_objective()
+        checks += [     # combinations where one option has no effect: refused, naming both
+            (implied is None or self.objective in ("bits", implied),
+             f"--objective {self.objective} has no effect with {budgets[0] if budgets else ''}: "
+             f"the budget sets the objective ({implied}); drop --objective"),
+            (self.bits_lr != 0 or not budgets,
+             f"--bits-lr 0 keeps every bitlength at --max-bits, so "
+             f"{budgets[0] if budgets else ''} has no effect; drop one of them"),
+            (self.eval_data is None or self.eval_fraction == EVAL_FRACTION,
+             "--eval-fraction has no effect with --eval-data (the eval folder is measured "
+             "whole); drop one of them"),
         ]
         checks.append((not (self.amp == "fp16" and self.device == "cpu"),
                        "--amp fp16 needs a CUDA device (float16 autocast with a gradient scaler); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ from click.testing import CliRunner, Result
 from onnxbits.cli.main import main
 from PIL import Image
 
+from onnxbits.config import ShrinkConfig
 from tests.builders import _Builder, conv_relu_gemm, image_folder
 
 FAST = ("--steps", "6", "--batch-size", "8", "--threads", "1", "-q")
@@ -92,7 +94,6 @@ def test_shrink_writes_model_and_report_and_prints_json(shrunk: tuple[Path, Resu
     model, result, before = shrunk
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert isinstance(report, dict)
     for key in ("layers", "avg_weight_bits", "avg_act_bits", "accuracy", "verification"):
         assert key in report, key
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "dwconv", "fc"]
@@ -154,15 +155,17 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--frozen-steps", "50"), r"--frozen-steps must be between 0 and --steps"),
     (("--preset", "nope"), r"Invalid value for '--preset'"),
     (("--objective", "latency"), r"Invalid value for '--objective'"),
-    (("--alpha-lr", "-1"), r"--alpha-lr must be >= 0"),
-    (("--bias-lr", "-1"), r"--bias-lr must be >= 0"),
     (("--augment", "rotate"), r"Invalid value for '--augment'"),
-    (("--temperature", "0"), r"--temperature must be > 0"),
     (("--reconstruct", "-1"), r"--reconstruct must be >= 0"),
-    (("--reconstruct-lr", "-1"), r"--reconstruct-lr must be >= 0"),
+    (("--target-bits", "4", "--objective", "memory"),
+     r"--objective memory has no effect with --target-bits: the budget sets the objective"),
+    (("--target-size", "0.1", "--bits-lr", "0"),
+     r"--bits-lr 0 keeps every bitlength at --max-bits, so --target-size has no effect"),
+    (("--eval-data", ".", "--eval-fraction", "0.3"),
+     r"--eval-fraction has no effect with --eval-data"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
-        "unknown-preset", "unknown-objective", "negative-alpha-lr", "negative-bias-lr",
-        "unknown-augment", "zero-temperature", "negative-reconstruct", "negative-reconstruct-lr"])
+        "unknown-preset", "unknown-objective", "unknown-augment", "negative-reconstruct",
+        "objective-with-budget", "bits-lr-0-with-budget", "eval-fraction-with-eval-data"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -348,15 +351,12 @@ def test_reconstruction_short_of_memory_uses_fewer_images_and_says_so(
 def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
-                    "-o", out, "--alpha-lr", "0", "--target-bits", "5", "--bias-lr", "0.01",
-                    "--augment", "flip", "--temperature", "2",
-                    "--reconstruct", "3", "--reconstruct-lr", "1e-3")
+                    "-o", out, "--target-bits", "5", "--bits-lr", "0.5", "--augment", "flip",
+                    "--reconstruct", "3")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
-    assert config["alpha_lr"] == 0.0
-    assert (config["bias_lr"], config["augment"], config["temperature"]) == (0.01, "flip", 2.0)
-    assert (config["reconstruct"], config["reconstruct_lr"]) == (3, 1e-3)
+    assert (config["bits_lr"], config["augment"], config["reconstruct"]) == (0.5, "flip", 3)
     blocks = report["reconstruction"]
     assert blocks and all(b["loss_after"] <= b["loss_before"] for b in blocks)
     assert [n for b in blocks for n in b["layers"]] == [
@@ -423,3 +423,26 @@ def test_a_model_with_two_outputs_tunes_on_the_first_and_keeps_both(
         (2, 3, 8, 8), dtype=np.float32)})
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert logits.shape == probs.shape == (2, 3)
+
+
+# --- the option surface -----------------------------------------------------------------------
+
+
+def test_every_config_field_is_an_option_and_every_option_a_field() -> None:
+    from onnxbits.cli.options import PREPROCESS_KEYS
+    from onnxbits.cli.shrink import shrink_command
+
+    params = {p.name for p in shrink_command.params if isinstance(p, click.Option)}
+    fields = {f.name for f in dataclasses.fields(ShrinkConfig)} - {"preprocess"}
+    cli_only = {"recipe", "as_json", "quiet", "help", *PREPROCESS_KEYS}
+    assert params - cli_only == fields
+
+
+def test_help_lists_at_most_45_options_in_groups() -> None:
+    result = CliRunner().invoke(main, ["shrink", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    flags = re.findall(r"^  (?:-\w, )?(--[\w-]+)", result.output, re.M)
+    assert len(flags) == len(set(flags)) <= 45, flags
+    headings = re.findall(r"^(\w[\w ]+):$", result.output, re.M)
+    assert headings == ["Data and preprocessing", "Budget and accuracy", "Training", "Output",
+                        "Hardware", "Advanced", "Other"], headings

@@ -127,7 +127,7 @@ def test_report_has_the_runtime(workspace: Path) -> None:
     assert report["config"]["device"] == "cpu" and report["config"]["amp"] == "off"
     stages = runtime["stages"]
     assert list(stages) == ["import", "teacher", "fine-tune", "emit", "evaluate"]
-    assert all(t >= 0 for t in stages.values())
+    assert stages["import"] > 0 and stages["fine-tune"] > 0 and min(stages.values()) >= 0
     assert tune["seconds"] <= stages["fine-tune"] + 1e-3
     assert sum(stages.values()) <= report["seconds"] + 0.1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from onnxbits.quant.network import QuantizedNetwork
@@ -54,4 +55,6 @@ def test_guard_does_nothing_when_the_drop_already_holds() -> None:
     net, x, teacher = _frozen_net(bits=8)
     drop, raised = enforce_max_drop(net, lambda: _disagreement(net, x, teacher), 100.0, [x],
                                     [teacher])
-    assert raised == [] and drop <= 100.0
+    bits = [q.frozen_bits.tolist() for q in net.quantizers()]
+    assert raised == [] and drop == pytest.approx(_disagreement(net, x, teacher))
+    assert [q.frozen_bits.tolist() for q in net.quantizers()] == bits

@@ -17,7 +17,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from onnxbits.config import ShrinkConfig
 from onnxbits.emit.targets import emit
 from onnxbits.errors import ConfigError
 from onnxbits.graph.normalize import normalize
@@ -280,8 +279,6 @@ def test_same_seed_gives_byte_identical_cli_output(tmp_path: Path) -> None:
 
 # --- through the CLI (needs the pipeline/CLI patch of issue 6) --------------------------------
 
-NEEDS_PATCH = "needs the pipeline/CLI patch of issue 6 (--resume, --checkpoint-every, OUT.ckpt)"
-PATCHED = "resume" in ShrinkConfig.__dataclass_fields__
 
 
 def cli_shrink(tmp_path: Path, out: Path, *extra: str) -> object:
@@ -314,7 +311,6 @@ def interrupting_fine_tune(at_step: int) -> object:
     return run
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH)
 def test_cli_interrupt_then_resume_gives_the_same_bytes(cli_workspace: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxbits.pipeline.run
@@ -335,7 +331,6 @@ def test_cli_interrupt_then_resume_gives_the_same_bytes(cli_workspace: Path,
     assert not (root / "out.ckpt").exists()
 
 
-@pytest.mark.xfail(not PATCHED, strict=True, reason=NEEDS_PATCH)
 def test_cli_resume_with_other_options_fails_clearly(cli_workspace: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxbits.pipeline.run

@@ -12,6 +12,7 @@ checkpoint written with other options or another model), and a successful run de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ import torch
 from torch import fx
 
 from onnxbits.config import ShrinkConfig
+
+SHRINK_FIELDS = {f.name for f in dataclasses.fields(ShrinkConfig)}
+VERIFY_BATCHES = 2  # calibration batches the emitted model is verified on, tensor by tensor
 from onnxbits.data.decode import ImageTensors
 from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
 from onnxbits.emit.targets import emit
@@ -178,12 +182,11 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
 
 def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
     """The fine-tune's configuration from the shrink options."""
-    return TrainConfig(steps=cfg.steps, frozen_steps=cfg.frozen_steps, batch_size=cfg.batch_size,
-                       lr=cfg.lr, bias_lr=cfg.bias_lr, alpha_lr=cfg.alpha_lr,
-                       bits_lr=cfg.bits_lr, lam=cfg.lam,
-                       objective=objective, loss=loss, temperature=cfg.temperature,
-                       reconstruct_steps=cfg.reconstruct, reconstruct_lr=cfg.reconstruct_lr,
-                       seed=cfg.seed, amp=cfg.amp_dtype())
+    derived = {"objective": objective, "loss": loss, "reconstruct_steps": cfg.reconstruct,
+               "amp": cfg.amp_dtype()}
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name in SHRINK_FIELDS and f.name not in derived}
+    return TrainConfig(**shared, **derived)
 
 
 def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
@@ -192,7 +195,7 @@ def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
     fine-tune batches, and those batches."""
     net = attach_quantizers(inputs.model, inputs.float_graph, inputs.sites,
                             min_bits=cfg.min_bits, min_act_bits=cfg.act_floor,
-                            max_bits=cfg.max_bits, per_channel_bits=cfg.granularity == "channel")
+                            max_bits=cfg.max_bits)
     train = inputs.train
     calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
              for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
@@ -277,9 +280,9 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
               "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
               "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
               "min_act_bits": cfg.act_floor,
-              "max_bits": cfg.max_bits, "granularity": cfg.granularity}
+              "max_bits": cfg.max_bits}
     emitted = emit(model, net, cfg.target, source=source)
-    verification = verify(emitted, net, calib[: cfg.verify_batches], cfg.target)
+    verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target)
     stages.start("evaluate")
     report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
     report["config"]["task_loss"] = inputs.loss
@@ -304,11 +307,8 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
            device: torch.device) -> dict[str, Any]:
     """The accuracy guard (``net`` on the CPU); its retune is a frozen-bit fine-tune of
     ``max(20, frozen steps / 3)`` steps on ``device``."""
-    retune_cfg = TrainConfig(steps=max(20, tcfg.n_frozen() // 3), frozen_steps=10**9,
-                             batch_size=cfg.batch_size, lr=cfg.lr, bias_lr=cfg.bias_lr,
-                             alpha_lr=cfg.alpha_lr, loss=inputs.loss,
-                             temperature=cfg.temperature, seed=cfg.seed + 1,
-                             amp=cfg.amp_dtype())
+    retune_cfg = dataclasses.replace(tcfg, steps=max(20, tcfg.n_frozen() // 3),
+                                     frozen_steps=10**9, reconstruct_steps=0, seed=cfg.seed + 1)
 
     def retune() -> None:
         net.graph.to(device)

@@ -17,16 +17,13 @@ class TrainConfig:
     steps: int = 300
     frozen_steps: int | None = None      # default: 30 % of steps
     batch_size: int = 64
-    lr: float = 1e-4                     # Adam, weights (and biases unless bias_lr)
-    bias_lr: float | None = None         # Adam, biases; default lr
+    lr: float = 1e-4                     # Adam, weights and biases
     alpha_lr: float = 1e-2               # Adam, log clip values
     bits_lr: float | None = None         # Adam, bitlengths; default 2 (max - min) / learn steps
     lam: float = 0.05
     objective: str = "bits"
     loss: str = "kd"                     # kd | ce | kd+ce
-    temperature: float = 1.0
     reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
-    reconstruct_lr: float = 1e-4         # Adam, weights and biases during block reconstruction
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
 

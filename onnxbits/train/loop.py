@@ -69,14 +69,13 @@ __all__ = ["StepRecord", "fine_tune", "freeze_all"]
 
 
 def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.optim.Optimizer:
-    bias_lr = cfg.lr if cfg.bias_lr is None else cfg.bias_lr
     groups = [{"params": net.kernel_parameters(), "lr": cfg.lr},
-              {"params": net.bias_parameters(), "lr": bias_lr},
+              {"params": net.bias_parameters(), "lr": cfg.lr},
               {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]
     if bits:
         lo, hi = net.quantizers()[0].min_bits, net.quantizers()[0].max_bits
         default = 2.0 * max(hi - lo, 1) / max(cfg.learn_steps(), 1)
-        groups.append({"params": net.bit_parameters(), "lr": cfg.bits_lr or default})
+        groups.append({"params": net.bit_parameters(), "lr": default if cfg.bits_lr is None else cfg.bits_lr})
     return torch.optim.Adam(groups)
 
 
@@ -165,7 +164,7 @@ def _reconstruct(run: _Run, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor |
         raise ValueError("block reconstruction needs the float graph as an fx.GraphModule")
     cfg = run.cfg
     rcfg = ReconstructConfig(steps=cfg.reconstruct_steps, batch_size=cfg.batch_size,
-                             lr=cfg.reconstruct_lr, seed=cfg.seed)
+                             seed=cfg.seed)
     free = available_memory(run.device)
     if free is not None and run.device.type == "cpu":      # torchrun processes share the RAM
         free //= local_world_size()
@@ -273,7 +272,7 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     x = fast_layout(x)
     with autocast(run.device, cfg.amp):
         out = net(x)
-    task = task_loss(out.float(), teacher, labels, cfg.loss, cfg.temperature)
+    task = task_loss(out.float(), teacher, labels, cfg.loss)
     layers = layer_bits(net)
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()
