@@ -14,8 +14,8 @@ from onnxbits.cli.errors import handle_errors
 from onnxbits.cli.eval import evenly_spaced, progress_bar
 from onnxbits.cli.options import PREPROCESS_KEYS, preprocess_from_options, preprocess_options
 
-from onnxbits.data.decode import decode_images
 from onnxbits.data.files import load_image_set, split_data_dir
+from onnxbits.data.stream import open_images
 from onnxbits.report.compare import compare_models
 
 _MODEL = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -66,14 +66,16 @@ def compare_command(model_a: Path, model_b: Path, data: Path | None, classes: Pa
         image_set = load_image_set(eval_dir, classes)
         image_set = image_set.subset(evenly_spaced(len(image_set), limit))
         with progress_bar("decoding", len(image_set), show) as advance:
-            tensors, skipped = decode_images(image_set, pre, workers=min(8, os.cpu_count() or 1),
-                                             progress=advance)
+            tensors, skipped = open_images(image_set, pre, workers=min(8, os.cpu_count() or 1),
+                                           progress=advance)
         record = {"data": str(eval_dir), "skipped": skipped,
                   "preprocess": dataclasses.asdict(pre)}
     with progress_bar("evaluating A and B", 2 * len(tensors) if tensors else 0,
                       show and tensors is not None) as advance:
         result = compare_models(model_a, model_b, tensors, batch_size=batch_size,
                                 threads=threads, progress=advance)
+    if record:
+        record["skipped"] += len(getattr(tensors, "bad", ()))     # met while streaming
     if as_json:
         click.echo(json.dumps({**result.to_dict(), **record}))
     elif markdown:

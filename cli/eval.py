@@ -16,8 +16,8 @@ import numpy as np
 from onnxbits.cli.errors import handle_errors
 from onnxbits.cli.options import preprocess_from_options, preprocess_options
 
-from onnxbits.data.decode import decode_images
 from onnxbits.data.files import load_image_set, select_files, split_data_dir
+from onnxbits.data.stream import open_images
 from onnxbits.errors import DataError
 from onnxbits.report.evaluate import evaluate_model
 
@@ -86,11 +86,12 @@ def eval_command(model: Path, data: Path, classes: Path | None, batch_size: int,
     show = not (quiet or as_json)
     start = time.perf_counter()
     with progress_bar("decoding", len(image_set), show) as advance:
-        tensors, skipped = decode_images(image_set, pre, workers=min(8, os.cpu_count() or 1),
-                                         progress=advance)
+        tensors, skipped = open_images(image_set, pre, workers=min(8, os.cpu_count() or 1),
+                                       progress=advance)
     with progress_bar("evaluating", len(tensors), show) as advance:
         result = evaluate_model(model, tensors, batch_size=batch_size, threads=threads,
                                 progress=advance)
+    skipped += len(getattr(tensors, "bad", ()))     # met while streaming
     seconds = time.perf_counter() - start
     if as_json:
         record = {"model": str(model), "data": str(eval_dir), **result.to_dict(),

@@ -65,6 +65,15 @@ class ImageTensors:
             out[:, c] = self._table[c][pixels[..., c]]
         return out
 
+    def read(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`batch` and an all-True mask (the interface of
+        :class:`onnxbits.data.stream.StreamedImages`, whose unreadable images drop out)."""
+        return self.batch(indices), np.ones(len(indices), dtype=bool)
+
+    def kept_labels(self) -> np.ndarray:
+        """The labels of the images :meth:`read` returns (all of them)."""
+        return self.labels
+
     def with_mirrors(self) -> ImageTensors:
         """Return the ``N`` images followed by their ``N`` horizontal mirrors (same labels)."""
         images = np.concatenate([self.images, self.images[:, :, ::-1]])

@@ -188,11 +188,12 @@ def split_data_dir(directory: str | Path) -> tuple[Path, Path | None]:
     return root, None
 
 
-def holdout_split(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, eval_fraction: float, seed: int,
+                  max_eval: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into sorted, disjoint ``(train_idx, eval_idx)`` by a seeded permutation.
 
-    The eval part has ``round(n * eval_fraction)`` indices, at least 1 and at most ``n - 1``
-    when ``n >= 2``.
+    The eval part has ``round(n * eval_fraction)`` indices (at most ``max_eval``), at least 1 and
+    at most ``n - 1`` when ``n >= 2``.
 
     >>> [a.tolist() for a in holdout_split(5, 0.4, seed=0)]
     [[0, 1, 3], [2, 4]]
@@ -200,5 +201,7 @@ def holdout_split(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, 
     if not 0.0 < eval_fraction < 1.0:
         raise ConfigError(f"eval fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     perm = np.random.default_rng(seed).permutation(n)
-    n_eval = min(max(1, round(n * eval_fraction)), n - 1) if n >= 2 else 0
+    wanted = round(n * eval_fraction) if max_eval is None else min(round(n * eval_fraction),
+                                                                     max_eval)
+    n_eval = min(max(1, wanted), n - 1) if n >= 2 else 0
     return np.sort(perm[n_eval:]).astype(np.int64), np.sort(perm[:n_eval]).astype(np.int64)

@@ -19,13 +19,16 @@ import onnx
 import torch
 
 from onnxbits.config import ShrinkConfig
-from onnxbits.data.decode import ImageTensors, decode_images
+from onnxbits.data.decode import ImageTensors
 from onnxbits.data.files import holdout_split, load_image_set, select_files, split_data_dir
+from onnxbits.data.stream import Images, StreamedImages, open_images
 from onnxbits.errors import ConfigError, DataError
 from onnxbits.graph.io import fixed_batch
 from onnxbits.train.device import ResidentImages
 
 Event = Callable[[str, dict[str, Any]], None]
+#: Held-out images at most, when the evaluation split is cut from the training data.
+MAX_HELDOUT = 10_000
 Fetch = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor | None]]
 
 
@@ -93,8 +96,9 @@ class StageClock:
 
 
 def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
-                ) -> tuple[ImageTensors, ImageTensors, dict[str, Any]]:
-    """Decode the fine-tune split and the held-out evaluation split (never trained on)."""
+                ) -> tuple[Images, Images, dict[str, Any]]:
+    """The fine-tune split and the held-out evaluation split (never trained on), each decoded
+    once when it fits :data:`onnxbits.data.stream.MEMORY_BUDGET`, else streamed."""
     train_dir, val_dir = split_data_dir(cfg.data)
     if cfg.eval_data is not None:
         val_dir = Path(cfg.eval_data)
@@ -106,41 +110,51 @@ def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
                                 "--eval-include")
         split = {"train": str(train_dir), "eval": str(val_dir)}
     else:
-        train_idx, eval_idx = holdout_split(len(train_set), cfg.eval_fraction, cfg.seed)
+        train_idx, eval_idx = holdout_split(len(train_set), cfg.eval_fraction, cfg.seed,
+                                            max_eval=MAX_HELDOUT)
         eval_set, train_set = train_set.subset(eval_idx), train_set.subset(train_idx)
         split = {"train": str(train_dir),
-                 "eval": f"held-out {cfg.eval_fraction:.0%} of {train_dir} (seed {cfg.seed})"}
+                 "eval": f"held-out {len(eval_idx)} images ({cfg.eval_fraction:.0%}, at most "
+                         f"{MAX_HELDOUT}) of {train_dir} (seed {cfg.seed})"}
     if cfg.max_train_images is not None and len(train_set) > cfg.max_train_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))
                        [:cfg.max_train_images])
         train_set = train_set.subset(keep)
     progress = (lambda k: emit_event(on_event, "decode", n=k))
     emit_event(on_event, "stage", name="decode", total=len(train_set) + len(eval_set))
-    train, bad_train = decode_images(train_set, cfg.preprocess, workers=2, progress=progress)
-    evaluation, bad_eval = decode_images(eval_set, cfg.preprocess, workers=2, progress=progress)
-    split.update(n_train=len(train), n_eval=len(evaluation), bad_images=bad_train + bad_eval)
+    train, bad_train = open_images(train_set, cfg.preprocess, workers=2, progress=progress)
+    evaluation, bad_eval = open_images(eval_set, cfg.preprocess, workers=2, progress=progress)
+    split.update(n_train=len(train), n_eval=len(evaluation), bad_images=bad_train + bad_eval,
+                 streamed={"train": isinstance(train, StreamedImages),
+                           "eval": isinstance(evaluation, StreamedImages)})
     if len(train) == 0 or len(evaluation) == 0:
         raise DataError(f"{cfg.data}: too few images to fine-tune and evaluate; add images")
     return train, evaluation, split
 
 
-def batch_fetcher(train: ImageTensors, device: torch.device) -> tuple[Fetch, bool]:
+def batch_fetcher(train: Images, device: torch.device) -> tuple[Fetch, bool]:
     """``fetch(indices) -> (inputs, labels or None)`` for the fine-tune, and whether the images
     are held on ``device`` (:class:`onnxbits.train.device.ResidentImages`: on CUDA when the uint8
     images take at most a quarter of the free GPU memory)."""
     resident = None
-    if device.type == "cuda" and train.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+    if (isinstance(train, ImageTensors) and device.type == "cuda"
+            and train.images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4):
         resident = ResidentImages(train.images, train.pre.lookup_table(), device)
     labels = torch.from_numpy(train.labels) if train.has_labels else None
 
     def fetch(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = resident.batch(idx) if resident is not None else torch.from_numpy(train.batch(idx))
-        return x, (labels[idx] if labels is not None else None)
+        if resident is not None:
+            return resident.batch(idx), (labels[idx] if labels is not None else None)
+        pixels, ok = train.read(idx)     # a streamed set leaves unreadable images out
+        x = torch.from_numpy(pixels)
+        if device.type == "cuda":
+            x = x.pin_memory()
+        return x, (labels[idx[ok]] if labels is not None else None)
 
     return fetch, resident is not None
 
 
-def check_labels(tensors: ImageTensors, outputs: int) -> None:
+def check_labels(tensors: Images, outputs: int) -> None:
     """Labels must index the model's outputs."""
     if tensors.has_labels and len(tensors.labels) and int(tensors.labels.max()) >= outputs:
         raise DataError(f"label {int(tensors.labels.max())} is out of range for the model's "

@@ -28,12 +28,14 @@ from torch import fx
 from onnxbits.config import ShrinkConfig
 
 SHRINK_FIELDS = {f.name for f in dataclasses.fields(ShrinkConfig)}
+CALIB_BATCHES = 4  # batches of a seeded sample of the fine-tune images the ranges start from
 VERIFY_BATCHES = 2  # calibration batches the emitted model is verified on, tensor by tensor
 from onnxbits.data.decode import ImageTensors
+from onnxbits.data.stream import Images
 from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
 from onnxbits.emit.targets import emit
 from onnxbits.emit.verify import verify
-from onnxbits.errors import ConfigError, InvalidModelError
+from onnxbits.errors import ConfigError, DataError, InvalidModelError
 from onnxbits.graph.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
 from onnxbits.graph.normalize import normalize
 from onnxbits.importer.convert import (
@@ -78,6 +80,7 @@ from onnxbits.train.distributed import DistContext, close, init_from_env
 from onnxbits.train.history import StepRecord
 from onnxbits.train.loop import fine_tune
 from onnxbits.train.reconstruct import BlockResult
+from onnxbits.train.teacher import OnlineTeacher
 
 __all__ = ["ShrinkResult", "budget_target", "check_batch_size", "check_output_path",
            "default_output", "load_splits", "shrink", "torch_logits"]
@@ -127,26 +130,27 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig,
 @dataclass
 class _Inputs:
     """What the fine-tune starts from: the normalized model and its float torch graph, the
-    quantizable sites and the layers left in float, both image splits with the float model's
-    logits on them (ONNX Runtime), the task loss and the warnings so far."""
+    quantizable sites and the layers left in float, both image splits, the float model's logits
+    on the evaluation split (ONNX Runtime), the fine-tune's online teacher, the task loss and the
+    warnings so far."""
 
     model: onnx.ModelProto
     float_graph: fx.GraphModule
     sites: list[Site]
     floats: list[FloatLayer]
-    train: ImageTensors
-    evaluation: ImageTensors
+    train: Images
+    evaluation: Images
     split: dict[str, Any]
     loss: str
-    teacher_train: np.ndarray
+    teacher: OnlineTeacher
     float_eval: np.ndarray
     warnings: list[str]
 
 
 def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
                  ctx: DistContext, stages: StageClock, on_event: Event | None) -> _Inputs:
-    """Import the model (``stages``: import), load the splits, and compute the float model's
-    logits on them (``stages``: teacher); user errors raise :class:`ConfigError` or
+    """Import the model (``stages``: import), open the splits, and compute the float model's
+    logits on the evaluation split (``stages``: teacher); user errors raise :class:`ConfigError` or
     :class:`InvalidModelError`."""
     stages.start("import")
     model = normalize(original, str(model_path))
@@ -173,11 +177,12 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
                           f"smaller than the {ctx.world} torchrun processes; raise --batch-size")
     stages.start("teacher")
     session = make_session(original, threads=cfg.threads)
-    teacher_train = predict_logits(session, train, batch_size=cfg.batch_size)
     float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
-    check_labels(train, teacher_train.shape[1])
+    check_labels(train, float_eval.shape[1])
+    teacher = OnlineTeacher(float_graph, cache=len(train) if isinstance(train, ImageTensors)
+                            else None)
     return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
-                   teacher_train, float_eval, warnings)
+                   teacher, float_eval, warnings)
 
 
 def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
@@ -191,14 +196,21 @@ def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
 
 def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
                        ) -> tuple[QuantizedNetwork, list[torch.Tensor]]:
-    """The float graph with quantizers attached and calibrated on the first (at most 4)
-    fine-tune batches, and those batches."""
+    """The float graph with quantizers attached and calibrated on (at most) 4 batches of a
+    seeded sample of the fine-tune images, and those batches."""
     net = attach_quantizers(inputs.model, inputs.float_graph, inputs.sites,
                             min_bits=cfg.min_bits, min_act_bits=cfg.act_floor,
                             max_bits=cfg.max_bits)
     train = inputs.train
-    calib = [torch.from_numpy(train.batch(np.arange(s, min(s + cfg.batch_size, len(train)))))
-             for s in range(0, min(len(train), 4 * cfg.batch_size), cfg.batch_size)]
+    n = min(len(train), CALIB_BATCHES * cfg.batch_size)
+    sample = np.sort(np.random.default_rng(cfg.seed).choice(len(train), n, replace=False))
+    calib = []
+    for s in range(0, n, cfg.batch_size):
+        x, _ = train.read(sample[s:s + cfg.batch_size])
+        if len(x):
+            calib.append(torch.from_numpy(x))
+    if not calib:
+        raise DataError(f"{cfg.data}: no readable image among the calibration sample")
     if cfg.target in ("ort", "pack"):
         prepare_ort(inputs.model, net)
     calibrate(net, calib)
@@ -237,7 +249,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                                       objective=objective)
     freeze = _freezer(objective, budget, moved)
     fetch, resident = batch_fetcher(train, ctx.device)
-    teacher = torch.from_numpy(inputs.teacher_train)
+    teacher = inputs.teacher
+    ckpt.extra["teacher"] = teacher.state
     steps_run: list[StepRecord] = []
     blocks: list[dict[str, Any]] = []
 
@@ -251,7 +264,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
 
     stages.start("fine-tune", total=cfg.steps)
     net.graph.to(ctx.device)
-    block_graph = float_graph.to(ctx.device) if tcfg.needs_float_graph() else None
+    float_graph.to(ctx.device)           # the online teacher, and block reconstruction's target
+    block_graph = float_graph if tcfg.needs_float_graph() else None
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
@@ -317,8 +331,9 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
         finally:
             net.graph.cpu()
 
+    teachers = [inputs.teacher(x) for x in calib]
     return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_eval, calib,
-                       inputs.teacher_train, retune)
+                       teachers, retune)
 
 
 def _freezer(objective: str, budget: float | None,

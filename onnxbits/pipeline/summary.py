@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from onnxbits.config import ShrinkConfig
-from onnxbits.data.decode import ImageTensors
+from onnxbits.data.stream import Images
 from onnxbits.emit.targets import emit
 from onnxbits.quant.network import QuantizedNetwork
 from onnxbits.report.evaluate import agreement, make_session, predict_logits, topk_accuracy
@@ -26,39 +26,39 @@ from onnxbits.train.device import device_name, fast_layout
 from onnxbits.train.distributed import DistContext
 
 
-def accuracy(logits: np.ndarray, tensors: ImageTensors, reference: np.ndarray) -> dict[str, float]:
+def accuracy(logits: np.ndarray, tensors: Images, reference: np.ndarray) -> dict[str, float]:
     """Agreement with ``reference`` and, with labels, top-1/top-5 in percent."""
     out: dict[str, float] = {"agreement": agreement(logits, reference)}
     if tensors.has_labels:
-        result = topk_accuracy(logits, tensors.labels)
+        result = topk_accuracy(logits, tensors.kept_labels())
         out.update(top1=result.top1, top5=result.top5)
     return out
 
 
 @torch.no_grad()
-def torch_logits(net: QuantizedNetwork, tensors: ImageTensors, batch_size: int) -> np.ndarray:
+def torch_logits(net: QuantizedNetwork, tensors: Images, batch_size: int) -> np.ndarray:
     """Logits of the torch (simulated k-bit) model on every image, computed on the device the
     network is on."""
     device = net.device
     parts = []
     for start in range(0, len(tensors), batch_size):
         idx = np.arange(start, min(start + batch_size, len(tensors)))
-        x = fast_layout(torch.from_numpy(tensors.batch(idx)).to(device))
+        x = fast_layout(torch.from_numpy(tensors.read(idx)[0]).to(device))
         parts.append(net(x).float().cpu().numpy())
     return np.concatenate(parts)
 
 
-def accuracy_drop(logits: np.ndarray, tensors: ImageTensors, float_logits: np.ndarray) -> float:
+def accuracy_drop(logits: np.ndarray, tensors: Images, float_logits: np.ndarray) -> float:
     """Top-1 points lost vs the float model (labels), else 100 - agreement with it."""
     if tensors.has_labels:
-        return (topk_accuracy(float_logits, tensors.labels).top1
-                - topk_accuracy(logits, tensors.labels).top1)
+        labels = tensors.kept_labels()
+        return topk_accuracy(float_logits, labels).top1 - topk_accuracy(logits, labels).top1
     return 100.0 - agreement(logits, float_logits)
 
 
 def apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork,
-                evaluation: ImageTensors, float_eval: np.ndarray, calib: list[torch.Tensor],
-                teacher_train: np.ndarray, retune: Callable[[], object]) -> dict[str, Any]:
+                evaluation: Images, float_eval: np.ndarray, calib: list[torch.Tensor],
+                teachers: list[torch.Tensor], retune: Callable[[], object]) -> dict[str, Any]:
     """Run :func:`onnxbits.train.guard.enforce_max_drop` with the drop measured on the emitted model
     in ONNX Runtime on the evaluation split (``net`` on the CPU)."""
     from onnxbits.train.guard import enforce_max_drop
@@ -68,18 +68,9 @@ def apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork
         return accuracy_drop(predict_logits(session, evaluation, batch_size=cfg.batch_size),
                              evaluation, float_eval)
 
-    teachers = calib_teachers(calib, teacher_train, cfg.batch_size)
     drop, raised = enforce_max_drop(net, measure, cfg.max_drop, calib, teachers, retune)
     return {"max_drop": cfg.max_drop, "final_drop": drop, "held": drop <= cfg.max_drop,
             "raised": raised}
-
-
-def calib_teachers(calib: list[torch.Tensor], teacher_train: np.ndarray,
-                   batch_size: int) -> list[torch.Tensor]:
-    """The float model's logits for each calibration batch (batch ``i`` holds fine-tune images
-    ``i * batch_size`` onwards)."""
-    return [torch.from_numpy(teacher_train[i * batch_size:i * batch_size + len(x)])
-            for i, x in enumerate(calib)]
 
 
 def config_dict(cfg: ShrinkConfig) -> dict[str, Any]:
@@ -107,7 +98,7 @@ def runtime_info(ctx: DistContext, amp: str, cpu: dict[str, object], steps: int,
 
 
 def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetwork,
-                 evaluation: ImageTensors, float_eval: np.ndarray,
+                 evaluation: Images, float_eval: np.ndarray,
                  device: torch.device) -> dict[str, Any]:
     """The per-layer report of ``emitted`` plus target, options and the three accuracies:
     ``float`` (``float_eval``), ``quantized`` (``emitted`` in ONNX Runtime) and

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx
 
-from onnxbits.data.decode import ImageTensors
+from onnxbits.data.stream import Images
 from onnxbits.report.evaluate import (
     EvalResult,
     agreement,
@@ -277,7 +277,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows)]
 
 
-def compare_models(a: ModelLike, b: ModelLike, tensors: ImageTensors | None = None, *,
+def compare_models(a: ModelLike, b: ModelLike, tensors: Images | None = None, *,
                    batch_size: int = 64, threads: int | None = None,
                    progress: Callable[[int], None] | None = None) -> Comparison:
     """Compare per-layer bits, totals and (with ``tensors``) the accuracy of models A and B.
@@ -303,6 +303,7 @@ def compare_models(a: ModelLike, b: ModelLike, tensors: ImageTensors | None = No
                              progress=progress) for m in (a, b)]
     result.agreement, result.images = agreement(*logits), len(tensors)
     if tensors.has_labels:
-        result.accuracy_a = topk_accuracy(logits[0], tensors.labels)
-        result.accuracy_b = topk_accuracy(logits[1], tensors.labels)
+        labels = tensors.kept_labels()
+        result.accuracy_a = topk_accuracy(logits[0], labels)
+        result.accuracy_b = topk_accuracy(logits[1], labels)
     return result

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxbits.data.decode import ImageTensors, iterate_batches
+from onnxbits.data.decode import iterate_batches
+from onnxbits.data.stream import Images
 from onnxbits.errors import DataError, InvalidModelError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _layout(inp: ort.NodeArg, chw: tuple[int, int, int]) -> str:
                     f"give {_shape_str(['N', c, h, w])}; {_FIX_HINT}")
 
 
-def predict_logits(session: ort.InferenceSession, tensors: ImageTensors, batch_size: int = 64,
+def predict_logits(session: ort.InferenceSession, tensors: Images, batch_size: int = 64,
                    progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Run every image through ``session``; return float32 logits ``(N, outputs)``.
 
@@ -135,7 +136,10 @@ def predict_logits(session: ort.InferenceSession, tensors: ImageTensors, batch_s
     output = session.get_outputs()[0].name
     chunks: list[np.ndarray] = []
     for indices in iterate_batches(len(tensors), step, shuffle=False, seed=0):
-        x = tensors.batch(indices)
+        x, _ = tensors.read(indices)
+        rows = len(x)
+        if rows == 0:
+            continue
         if layout == "nhwc":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         elif layout == "flat":
@@ -148,7 +152,7 @@ def predict_logits(session: ort.InferenceSession, tensors: ImageTensors, batch_s
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"ONNX Runtime failed on model input '{inp.name}' with a batch of "
                             f"shape {_shape_str(x.shape)}: {first}; {_FIX_HINT}") from exc
-        chunks.append(np.asarray(y, dtype=np.float32).reshape(len(y), -1)[: len(indices)])
+        chunks.append(np.asarray(y, dtype=np.float32).reshape(len(y), -1)[:rows])
         if progress is not None:
             progress(len(indices))
     if not chunks:
@@ -187,7 +191,7 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> EvalResult:
     return EvalResult(top1=float(100.0 * top1.sum() / n), top5=float(100.0 * top5.sum() / n), n=n)
 
 
-def evaluate_model(model: ModelLike | ort.InferenceSession, tensors: ImageTensors,
+def evaluate_model(model: ModelLike | ort.InferenceSession, tensors: Images,
                    batch_size: int = 64, threads: int | None = None,
                    progress: Callable[[int], None] | None = None) -> EvalResult:
     """Return the top-1/top-5 accuracy of ``model`` on the labelled ``tensors``.
@@ -202,7 +206,7 @@ def evaluate_model(model: ModelLike | ort.InferenceSession, tensors: ImageTensor
     session = (model if isinstance(model, ort.InferenceSession)
                else make_session(model, threads=threads))
     logits = predict_logits(session, tensors, batch_size=batch_size, progress=progress)
-    return topk_accuracy(logits, tensors.labels)
+    return topk_accuracy(logits, tensors.kept_labels())
 
 
 def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:

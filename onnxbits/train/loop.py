@@ -61,6 +61,9 @@ from onnxbits.train.history import StepRecord
 from onnxbits.train.losses import task_loss
 from onnxbits.train.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 
+#: ``teacher(inputs, indices) -> float logits`` of a batch.
+Teacher = Callable[[Tensor, np.ndarray], Tensor]
+
 # Share of the device's free memory that block reconstruction's stored tensors may take
 # (fewer images beyond it); the rest is for the block's own training step and the run.
 RECONSTRUCT_MEMORY_SHARE = 0.7
@@ -86,7 +89,7 @@ def freeze_all(net: QuantizedNetwork) -> None:
 
 
 def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
-              teacher_logits: Tensor | None, n_train: int, cfg: TrainConfig,
+              teacher_logits: Tensor | Teacher | None, n_train: int, cfg: TrainConfig,
               on_step: Callable[[StepRecord], None] | None = None,
               lam_schedule: Callable[[int, float, float], float] | None = None,
               freeze: Callable[[QuantizedNetwork], object] | None = None,
@@ -95,6 +98,10 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
               float_graph: nn.Module | None = None,
               on_block: Callable[[BlockResult], None] | None = None) -> list[StepRecord]:
     """Run both phases; ``fetch(indices) -> (inputs, labels or None)``.
+
+    The distillation target is ``teacher_logits[indices]`` (a tensor of every image's float
+    logits) or ``teacher_logits(inputs, indices)`` (a callable run on each batch, e.g.
+    :class:`onnxbits.train.teacher.OnlineTeacher`).
 
     ``lam_schedule(step, lam, cost) -> lam`` may adapt lambda during the learning phase;
     ``freeze(net)`` replaces :func:`freeze_all` at the end of it (budget mode). With
@@ -115,7 +122,7 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
         _restore(run, checkpoint)
     if run.dist.active:
         broadcast_([*net.graph.parameters(), *net.graph.buffers()])
-    if teacher_logits is not None:
+    if isinstance(teacher_logits, Tensor):
         teacher_logits = teacher_logits.to(run.device)
     learn = cfg.learn_steps()
     save = checkpoint if run.dist.is_main else None    # only rank 0 writes checkpoints
@@ -252,7 +259,7 @@ class _Run:
 
 
 def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]],
-                teacher_logits: Tensor | None) -> StepRecord:
+                teacher_logits: Tensor | Teacher | None) -> StepRecord:
     """One optimizer step of the learning or the frozen phase."""
     cfg, net, opt = run.cfg, run.net, run.opt
     learn = cfg.learn_steps()
@@ -266,10 +273,12 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     x, labels = fetch(part)
     x = x.to(run.device, non_blocking=True)
     labels = labels.to(run.device) if labels is not None else None
-    teacher = None
-    if teacher_logits is not None:
-        teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     x = fast_layout(x)
+    teacher = None
+    if isinstance(teacher_logits, Tensor):
+        teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
+    elif teacher_logits is not None and "kd" in cfg.loss:
+        teacher = teacher_logits(x, part)
     with autocast(run.device, cfg.amp):
         out = net(x)
     task = task_loss(out.float(), teacher, labels, cfg.loss)
