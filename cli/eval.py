@@ -85,9 +85,8 @@ def eval_command(model: Path, data: Path, classes: Path | None, batch_size: int,
     image_set = image_set.subset(evenly_spaced(len(image_set), limit))
     show = not (quiet or as_json)
     start = time.perf_counter()
-    with progress_bar("decoding", len(image_set), show) as advance:
-        tensors, skipped = open_images(image_set, pre, workers=min(8, os.cpu_count() or 1),
-                                       progress=advance)
+    # one pass over the images: decoded batch by batch while the model runs, never all held
+    tensors, skipped = open_images(image_set, pre, budget=0, workers=min(8, os.cpu_count() or 1))
     with progress_bar("evaluating", len(tensors), show) as advance:
         result = evaluate_model(model, tensors, batch_size=batch_size, threads=threads,
                                 progress=advance)

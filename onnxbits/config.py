@@ -5,6 +5,7 @@ A leaf: imports neither torch nor any pipeline stage (only the preprocessing opt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ AUGMENTS = ("none", "flip")
 EVAL_FRACTION = 0.2
 # Activations below 3 bits cost more accuracy than the bits they free (README, recipe ablation).
 DEFAULT_ACT_FLOOR = 3
+DEFAULT_STEPS = 300
 #: ``--recipe``: named sets of ShrinkConfig values that replace the defaults (options given
 #: explicitly still win). ``finetune``: the defaults (learn the bits, freeze, then 30 % of the
 #: steps at frozen bits; best on CIFAR-10 with 5000 labelled images). ``reconstruct``:
@@ -108,8 +110,12 @@ class ShrinkConfig:
         None, _BUDGET, "Smallest activation bitlength [default: the larger of --min-bits and 3, "
         "at most --max-bits]; weights keep --min-bits.")
     max_bits: int = option(8, _BUDGET, "Largest (and starting) bitlength.")
-    steps: int = option(
-        300, _TRAIN, "Fine-tune steps in total (learning phase + frozen-bit phase).")
+    steps: int | None = option(
+        None, _TRAIN, "Fine-tune steps in total (learning phase + frozen-bit phase) "
+        f"[default: {DEFAULT_STEPS}].")
+    epochs: float | None = option(
+        None, _TRAIN, "Instead of --steps: E passes over the fine-tune images, steps = "
+        "ceil(E x images / --batch-size) (e.g. 1 on a full ImageNet train/).", metavar="E")
     frozen_steps: int | None = option(
         None, _TRAIN, "Steps at frozen integer bits at the end [default: 30% of --steps].")
     batch_size: int = option(64, _TRAIN, "Images per step.")
@@ -146,12 +152,15 @@ class ShrinkConfig:
         "off", _HW, "Mixed precision of the fine-tune's forward pass: bf16 (CPU or CUDA) or fp16 "
         "(CUDA, with a gradient scaler); the quantizers compute in float32.", choices=AMP_CHOICES)
     threads: int | None = option(None, _HW, "CPU threads for torch and ONNX Runtime.")
-    bits_lr: float | None = option(
-        None, _ADV, "Adam learning rate of the bitlengths [default: 2 (max-min) / learning "
-        "steps]; 0 keeps every bitlength at --max-bits (a uniform model).")
     skip_unsupported: bool = option(
         True, _ADV, "Keep layers that cannot be quantized in float with a warning, instead of "
         "failing on them.", secondary="--no-skip-unsupported")
+
+    def total_steps(self, n_train: int) -> int:
+        """Fine-tune steps: ``--steps``, else ``ceil(epochs x n_train / batch)``, else the default."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, n_train)))
+        return self.steps if self.steps is not None else DEFAULT_STEPS
 
     def task_loss(self, has_labels: bool) -> str:
         """The task loss used: ``--loss``, where ``auto`` is ``kd+ce`` with labels, else ``kd``."""
@@ -187,14 +196,16 @@ class ShrinkConfig:
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
         checks = [
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.frozen_steps is None or 0 <= self.frozen_steps <= self.steps,
-             f"--frozen-steps must be between 0 and --steps ({self.steps}), "
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.steps is None or self.epochs is None,
+             "--steps and --epochs both set the length of the fine-tune; drop one of them"),
+            (self.frozen_steps is None or self.epochs is not None
+             or 0 <= self.frozen_steps <= (self.steps or DEFAULT_STEPS),
+             f"--frozen-steps must be between 0 and --steps ({self.steps or DEFAULT_STEPS}), "
              f"got {self.frozen_steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
-            (self.bits_lr is None or self.bits_lr >= 0,
-             f"--bits-lr must be >= 0, got {self.bits_lr}"),
             (self.augment in AUGMENTS,
              f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
             (self.lam >= 0, f"--lambda must be >= 0, got {self.lam}"),
@@ -243,8 +254,8 @@ class ShrinkConfig:
             (implied is None or self.objective in ("bits", implied),
              f"--objective {self.objective} has no effect with {budgets[0] if budgets else ''}: "
              f"the budget sets the objective ({implied}); drop --objective"),
-            (self.bits_lr != 0 or not budgets,
-             f"--bits-lr 0 keeps every bitlength at --max-bits, so "
+            (self.min_bits < self.max_bits or not budgets,
+             f"--min-bits {self.min_bits} --max-bits {self.max_bits} fix every bitlength, so "
              f"{budgets[0] if budgets else ''} has no effect; drop one of them"),
             (self.eval_data is None or self.eval_fraction == EVAL_FRACTION,
              "--eval-fraction has no effect with --eval-data (the eval folder is measured "

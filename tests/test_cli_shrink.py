@@ -159,13 +159,14 @@ def test_output_must_end_in_onnx(workspace: Path) -> None:
     (("--reconstruct", "-1"), r"--reconstruct must be >= 0"),
     (("--target-bits", "4", "--objective", "memory"),
      r"--objective memory has no effect with --target-bits: the budget sets the objective"),
-    (("--target-size", "0.1", "--bits-lr", "0"),
-     r"--bits-lr 0 keeps every bitlength at --max-bits, so --target-size has no effect"),
+    (("--target-size", "0.1", "--min-bits", "4", "--max-bits", "4"),
+     r"--min-bits 4 --max-bits 4 fix every bitlength, so --target-size has no effect"),
+    (("--epochs", "1"), r"--steps and --epochs both set the length of the fine-tune"),
     (("--eval-data", ".", "--eval-fraction", "0.3"),
      r"--eval-fraction has no effect with --eval-data"),
 ], ids=["min>max", "negative-lambda", "max-bits-9", "zero-steps", "frozen>steps",
         "unknown-preset", "unknown-objective", "unknown-augment", "negative-reconstruct",
-        "objective-with-budget", "bits-lr-0-with-budget", "eval-fraction-with-eval-data"])
+        "objective-with-budget", "fixed-bits-with-budget", "steps-and-epochs", "eval-fraction-with-eval-data"])
 def test_bad_options_exit_2(workspace: Path, args: tuple[str, ...], pattern: str) -> None:
     before = files_under(workspace)
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, *args)
@@ -351,12 +352,12 @@ def test_reconstruction_short_of_memory_uses_fewer_images_and_says_so(
 def test_recipe_options_reach_the_run(workspace: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "--json",
-                    "-o", out, "--target-bits", "5", "--bits-lr", "0.5", "--augment", "flip",
+                    "-o", out, "--target-bits", "5", "--min-act-bits", "4", "--augment", "flip",
                     "--reconstruct", "3")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     config = report["config"]
-    assert (config["bits_lr"], config["augment"], config["reconstruct"]) == (0.5, "flip", 3)
+    assert (config["min_act_bits"], config["augment"], config["reconstruct"]) == (4, "flip", 3)
     blocks = report["reconstruction"]
     assert blocks and all(b["loss_after"] <= b["loss_before"] for b in blocks)
     assert [n for b in blocks for n in b["layers"]] == [

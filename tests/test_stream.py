@@ -124,3 +124,25 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(
     # 15x the images: decoded they would add 4200 x 32 x 32 x 3 bytes = 12.9 MB (float32 4x
     # that); streamed only the file list grows (a few hundred bytes per image).
     assert peak_large - peak_small < 4200 * 600, (peak_small, peak_large)
+
+
+def _shrink_bytes(root: Path, out: Path, *extra: str) -> tuple[bytes, dict[str, object]]:
+    result = CliRunner().invoke(main, [
+        "shrink", str(out.parent / "m.onnx"), "--data", str(root), "--scale", str(1 / 255),
+        "--batch-size", "8", "--threads", "1", "-q", "--json", "-o", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return out.read_bytes(), json.loads(result.stdout)
+
+
+def test_a_streamed_run_gives_the_bytes_of_the_in_memory_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = image_folder(tmp_path / "data", classes=3, per_class=10)
+    onnx.save(conv_relu_gemm(classes=3), tmp_path / "m.onnx")
+    held, report = _shrink_bytes(folder, tmp_path / "held.onnx", "--epochs", "2")
+    n_train = report["data"]["n_train"]
+    assert report["data"]["streamed"] == {"train": False, "eval": False}
+    assert report["config"]["steps"] == -(-2 * n_train // 8)    # ceil(2 epochs x images / 8)
+    monkeypatch.setattr(stream, "MEMORY_BUDGET", 0)               # stream, reading ahead
+    streamed, report = _shrink_bytes(folder, tmp_path / "streamed.onnx", "--epochs", "2")
+    assert report["data"]["streamed"] == {"train": True, "eval": True}
+    assert streamed == held

@@ -131,3 +131,43 @@ def test_kd_is_the_kl_of_the_teacher_and_student_distributions() -> None:
     assert float(task_loss(student, teacher, None, "kd")) == pytest.approx(expected, rel=1e-5)
 
 
+
+
+def test_sampler_state_is_constant_size_and_resumes_the_exact_next_batch() -> None:
+    import pickle
+    run = batch_indices(100_000, 64, seed=5)
+    for _ in range(1600):                     # into the second epoch (1562 batches each)
+        next(run)
+    state = run.state_dict()
+    assert len(pickle.dumps(state)) < 2000 and state["epoch"] == 2
+    resumed = batch_indices(100_000, 64, seed=5)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        expected = run.peek()
+        batch = next(run)
+        np.testing.assert_array_equal(expected, batch)
+        np.testing.assert_array_equal(next(resumed), batch)
+    fresh = batch_indices(10, 4, seed=1)
+    fresh.load_state_dict(batch_indices(10, 4, seed=1).state_dict())   # before any batch
+    np.testing.assert_array_equal(next(fresh), next(batch_indices(10, 4, seed=1)))
+    assert fresh.peek() is not None          # the second batch of the epoch
+    next(fresh)
+    assert fresh.peek() is None              # the next batch starts a new permutation
+
+
+def test_read_ahead_fetches_the_same_batches_as_a_plain_fetch() -> None:
+    s = setup()
+    seen: list[list[int]] = []
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, None]:
+        seen.append(idx.tolist())
+        return s.x[torch.as_tensor(idx)], None
+
+    cfg = TrainConfig(steps=7, frozen_steps=2, batch_size=4, loss="kd")
+    plain_net = setup().net
+    ahead_net = setup().net
+    plain = fine_tune(plain_net, fetch, s.teacher, len(s.x), cfg)
+    plain_seen, seen[:] = list(seen), []
+    ahead = fine_tune(ahead_net, fetch, s.teacher, len(s.x), cfg, read_ahead=True)
+    assert [r.to_dict() for r in ahead] == [r.to_dict() for r in plain]
+    assert seen == plain_seen      # each step's batch once, in order, read one step early

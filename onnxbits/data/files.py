@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,33 @@ class ImageSet:
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _image_names(folder: Path, first_only: bool = False) -> list[str]:
+    """Paths (relative to ``folder``, POSIX, unsorted) of the files with an image extension
+    under ``folder`` (hidden folders skipped), or just the first one with ``first_only``.
+
+    One ``scandir`` per folder and no ``stat`` for a name with an image extension (only other
+    names are asked whether they are folders), so that listing a million images takes seconds;
+    an unreadable file is found when it is decoded.
+    """
+    names: list[str] = []
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        with os.scandir(folder / rel if rel else folder) as entries:
+            for entry in entries:
+                if _has_image_extension(entry.name):
+                    names.append(rel + entry.name)
+                    if first_only:
+                        return names
+                elif not entry.name.startswith(".") and entry.is_dir():
+                    pending.append(rel + entry.name + "/")
+    return names
 
 
 def _read_class_list(classes_file: Path) -> dict[str, int]:
@@ -133,10 +161,11 @@ def _read_image_folder(root: Path, class_dirs: list[Path], classes_file: Path | 
     else:
         class_map = {n: i for i, n in enumerate(sorted(names))}
         classes = sorted(names)
-    pairs = sorted((f.relative_to(root).as_posix(), class_map[d.name])
-                   for d in class_dirs for f in d.rglob("*") if _is_image(f))
+    pairs = sorted((f"{d.name}/{name}", class_map[d.name])
+                   for d in class_dirs for name in _image_names(d))
     return ImageSet(root, [root / p for p, _ in pairs],
-                    np.array([c for _, c in pairs], dtype=np.int64), True, classes)
+                    np.fromiter((c for _, c in pairs), dtype=np.int64, count=len(pairs)), True,
+                    classes)
 
 
 def load_image_set(directory: str | Path, classes_file: str | Path | None = None) -> ImageSet:
@@ -158,7 +187,7 @@ def load_image_set(directory: str | Path, classes_file: str | Path | None = None
     if (root / LABELS_CSV).is_file():
         return _read_labels_csv(root, classes_path)
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                        and any(_is_image(f) for f in d.rglob("*")))
+                        and _image_names(d, first_only=True))
     if class_dirs:
         return _read_image_folder(root, class_dirs, classes_path)
     files = sorted(f for f in root.iterdir() if _is_image(f))

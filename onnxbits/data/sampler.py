@@ -25,23 +25,41 @@ class BatchSampler(Iterator[np.ndarray]):
         self.rng = np.random.default_rng(seed)
         self.order: np.ndarray = np.empty(0, dtype=np.int64)
         self.position = 0
+        self.epoch = 0
+        self._epoch_state: dict[str, Any] | None = None   # generator state that drew ``order``
 
     def __next__(self) -> np.ndarray:
         if self.position + self.size > len(self.order):
-            self.order, self.position = self.rng.permutation(self.n), 0
+            self._new_epoch()
         batch = self.order[self.position:self.position + self.size]
         self.position += self.size
         return batch
 
+    def peek(self) -> np.ndarray | None:
+        """The batch :meth:`__next__` returns next, or None when it starts a new epoch."""
+        if self.position + self.size > len(self.order):
+            return None
+        return self.order[self.position:self.position + self.size]
+
+    def _new_epoch(self) -> None:
+        self._epoch_state = self.rng.bit_generator.state
+        self.order, self.position = self.rng.permutation(self.n), 0
+        self.epoch += 1
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain-Python state for a checkpoint."""
-        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(),
-                "position": self.position}
+        """Plain-Python state for a checkpoint, of constant size: the permutation is stored as
+        the generator state that drew it, not as ``n`` indices."""
+        return {"epoch_rng": self._epoch_state, "position": self.position, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`."""
-        self.rng.bit_generator.state = state["rng"]
-        self.order = np.asarray(state["order"], dtype=np.int64)
+        self.epoch = int(state["epoch"])
+        if state["epoch_rng"] is None:
+            self.order, self.position, self._epoch_state = np.empty(0, dtype=np.int64), 0, None
+            return
+        self.rng.bit_generator.state = state["epoch_rng"]
+        self._new_epoch()
+        self.epoch = int(state["epoch"])
         self.position = int(state["position"])
 
 

@@ -15,8 +15,8 @@ read fails with a :class:`onnxbits.errors.DataError` naming one of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +147,29 @@ class StreamedImages:
 
 
 Images = ImageTensors | StreamedImages
+
+
+def read_ahead(images: Images, batches: Iterable[np.ndarray]
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(indices, inputs, ok)`` for each batch of ``batches``, reading the next batch in
+    a background thread while the caller works on this one (decoding overlaps inference)."""
+    if isinstance(images, ImageTensors):      # held in memory: nothing to overlap
+        for idx in batches:
+            yield (idx, *images.read(idx))
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[np.ndarray, Future[tuple[np.ndarray, np.ndarray]]] | None = None
+        try:
+            for idx in batches:
+                future = pool.submit(images.read, idx)
+                if pending is not None:
+                    yield (pending[0], *pending[1].result())
+                pending = (idx, future)
+            if pending is not None:
+                yield (pending[0], *pending[1].result())
+        finally:
+            if pending is not None:
+                pending[1].cancel()
 
 
 def decoded_bytes(image_set: ImageSet, pre: Preprocess) -> int | None:

@@ -31,7 +31,7 @@ SHRINK_FIELDS = {f.name for f in dataclasses.fields(ShrinkConfig)}
 CALIB_BATCHES = 4  # batches of a seeded sample of the fine-tune images the ranges start from
 VERIFY_BATCHES = 2  # calibration batches the emitted model is verified on, tensor by tensor
 from onnxbits.data.decode import ImageTensors
-from onnxbits.data.stream import Images
+from onnxbits.data.stream import Images, StreamedImages
 from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
 from onnxbits.emit.targets import emit
 from onnxbits.emit.verify import verify
@@ -185,10 +185,10 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
                    teacher, float_eval, warnings)
 
 
-def _train_config(cfg: ShrinkConfig, objective: str, loss: str) -> TrainConfig:
+def _train_config(cfg: ShrinkConfig, objective: str, loss: str, n_train: int) -> TrainConfig:
     """The fine-tune's configuration from the shrink options."""
     derived = {"objective": objective, "loss": loss, "reconstruct_steps": cfg.reconstruct,
-               "amp": cfg.amp_dtype()}
+               "amp": cfg.amp_dtype(), "steps": cfg.total_steps(n_train)}
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
               if f.name in SHRINK_FIELDS and f.name not in derived}
     return TrainConfig(**shared, **derived)
@@ -237,7 +237,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                                            inputs.warnings)
     net, calib = _quantized_network(cfg, inputs)
     objective, budget = budget_target(cfg, net)
-    tcfg = _train_config(cfg, objective, inputs.loss)
+    tcfg = _train_config(cfg, objective, inputs.loss, len(inputs.train))
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
@@ -262,14 +262,15 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         blocks.append(result.to_dict())
         emit_event(on_event, "block", result=result)
 
-    stages.start("fine-tune", total=cfg.steps)
+    stages.start("fine-tune", total=tcfg.steps)
     net.graph.to(ctx.device)
     float_graph.to(ctx.device)           # the online teacher, and block reconstruction's target
     block_graph = float_graph if tcfg.needs_float_graph() else None
     tuned = time.perf_counter()
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
-                        float_graph=block_graph, on_block=on_block)
+                        float_graph=block_graph, on_block=on_block,
+                        read_ahead=isinstance(train, StreamedImages))
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     if blocks and blocks[0]["inputs"] < blocks[0]["wanted"]:
@@ -292,14 +293,13 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     stages.start("emit")
     source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
               "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
-              "steps": cfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
-              "min_act_bits": cfg.act_floor,
-              "max_bits": cfg.max_bits}
+              "steps": tcfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
+              "min_act_bits": cfg.act_floor, "max_bits": cfg.max_bits}
     emitted = emit(model, net, cfg.target, source=source)
     verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target)
     stages.start("evaluate")
     report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
-    report["config"]["task_loss"] = inputs.loss
+    report["config"].update(task_loss=inputs.loss, steps=tcfg.steps)   # as run (--epochs: computed)
     report.update(
         model=str(model_path), output=str(output), data=inputs.split,
         verification=verification.to_dict(), guard=guard, warnings=warnings,

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxbits.data.decode import iterate_batches
-from onnxbits.data.stream import Images
+from onnxbits.data.stream import Images, read_ahead
 from onnxbits.errors import DataError, InvalidModelError
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ def predict_logits(session: ort.InferenceSession, tensors: Images, batch_size: i
     step = fixed or max(1, batch_size)
     output = session.get_outputs()[0].name
     chunks: list[np.ndarray] = []
-    for indices in iterate_batches(len(tensors), step, shuffle=False, seed=0):
-        x, _ = tensors.read(indices)
+    batches = iterate_batches(len(tensors), step, shuffle=False, seed=0)
+    for indices, x, _ in read_ahead(tensors, batches):
         rows = len(x)
         if rows == 0:
             continue

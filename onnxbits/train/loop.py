@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -96,7 +98,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
               checkpoint: CheckpointSpec | None = None,
               dist: DistContext | None = None,
               float_graph: nn.Module | None = None,
-              on_block: Callable[[BlockResult], None] | None = None) -> list[StepRecord]:
+              on_block: Callable[[BlockResult], None] | None = None,
+              read_ahead: bool = False) -> list[StepRecord]:
     """Run both phases; ``fetch(indices) -> (inputs, labels or None)``.
 
     The distillation target is ``teacher_logits[indices]`` (a tensor of every image's float
@@ -111,13 +114,15 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     With ``dist`` (several processes) every process must call this with the same arguments;
     ``fetch`` receives the process's shard of each global batch. ``float_graph`` (on the
     network's device) is needed when :meth:`TrainConfig.needs_float_graph`; ``on_block``
-    receives each reconstructed block's result.
+    receives each reconstructed block's result. With ``read_ahead`` the next batch is fetched
+    in a background thread while this step trains (for data decoded on the fly).
     """
     if cfg.needs_float_graph() and float_graph is None:
         raise ValueError("reconstruct_steps > 0 needs the float graph")
     freeze = _synced_freeze(freeze or freeze_all, dist)
     torch.manual_seed(cfg.seed)
     run = _Run(net, cfg, batch_indices(n_train, cfg.batch_size, cfg.seed), n_train, dist)
+    run.fetch = _ReadAhead(fetch) if read_ahead else None
     if checkpoint is not None and checkpoint.resume:
         _restore(run, checkpoint)
     if run.dist.active:
@@ -129,7 +134,8 @@ def fine_tune(net: QuantizedNetwork, fetch: Callable[[np.ndarray], tuple[Tensor,
     net.graph.eval()
     if float_graph is not None:
         float_graph.eval()
-    with deferred_interrupt(enabled=checkpoint is not None) as guard:
+    with deferred_interrupt(enabled=checkpoint is not None) as guard, \
+            (closing(run.fetch) if run.fetch is not None else nullcontext()):
         for step in range(run.step, cfg.steps):
             if step == learn and not all(q.frozen for q in net.quantizers()):
                 freeze(net)
@@ -214,6 +220,31 @@ def _restore(run: _Run, checkpoint: CheckpointSpec) -> None:
                           "run without --resume") from exc
 
 
+class _ReadAhead:
+    """``fetch`` with the next batch read in a background thread while a step trains."""
+
+    def __init__(self, fetch: Callable[[np.ndarray], tuple[Tensor, Tensor | None]]) -> None:
+        self.fetch = fetch
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: tuple[np.ndarray, Future[tuple[Tensor, Tensor | None]]] | None = None
+
+    def __call__(self, idx: np.ndarray, upcoming: np.ndarray | None
+                 ) -> tuple[Tensor, Tensor | None]:
+        pending, self.pending = self.pending, None
+        if pending is not None and np.array_equal(pending[0], idx):
+            batch = pending[1].result()
+        else:
+            batch = self.fetch(idx)
+        if upcoming is not None:
+            self.pending = (upcoming, self.pool.submit(self.fetch, upcoming))
+        return batch
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[1].cancel()
+        self.pool.shutdown(wait=True)
+
+
 class _Run:
     """The mutable state of one fine-tune: what a checkpoint saves and restores."""
 
@@ -223,6 +254,7 @@ class _Run:
         self.device = net.device
         self.dist = dist or DistContext(device=self.device)
         self.step, self.lam = 0, cfg.lam
+        self.fetch: _ReadAhead | None = None
         self.history: list[StepRecord] = []
         self.scaler = (torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None)
         self.new_optimizer(bits=cfg.learn_steps() > 0)
@@ -270,7 +302,13 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
             group["lr"] = base * 0.5 * (1 + math.cos(math.pi * progress))
     idx = next(run.batches)
     part = shard(idx, run.dist.rank, run.dist.world) if run.dist.active else idx
-    x, labels = fetch(part)
+    if run.fetch is not None:
+        upcoming = run.batches.peek() if step + 1 < cfg.steps else None
+        if upcoming is not None and run.dist.active:
+            upcoming = shard(upcoming, run.dist.rank, run.dist.world)
+        x, labels = run.fetch(part, upcoming)
+    else:
+        x, labels = fetch(part)
     x = x.to(run.device, non_blocking=True)
     labels = labels.to(run.device) if labels is not None else None
     x = fast_layout(x)
