@@ -55,8 +55,8 @@ def handle_errors(func: F) -> F:
         except Exception as exc:  # an internal bug: name it, keep the traceback behind --debug
             if debug_enabled():
                 traceback.print_exc()
-            fail(f"internal error: {type(exc).__name__}: {exc} "
-                 "(rerun with --debug for a traceback)", 1)
+            fail(f"internal error: {type(exc).__name__}: {exc} (a bug in onnxbits, not in "
+                 "your input: rerun with --debug and report the traceback)", 1)
         return None
 
     return wrapper  # type: ignore[return-value]

@@ -33,13 +33,14 @@ class _ProgressView:
         self.console = console
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"),
+                                 TimeRemainingColumn(elapsed_when_finished=True),
                                  console=console, transient=False)
         self.task: Any = None
 
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
         if kind == "stage":
-            self._finish()
+            self._complete()
             self.task = self.progress.add_task(info["name"], total=info.get("total") or 1, info="")
             if not self.progress.live.is_started:
                 self.progress.start()
@@ -55,13 +56,16 @@ class _ProgressView:
                 f"reconstructed block {r.block} ({len(r.layers)} layers): "
                 f"mse {r.loss_before:.4g} -> {r.loss_after:.4g}"))
 
-    def _finish(self) -> None:
+    def _complete(self) -> None:
+        """Mark the current stage done (it ended: the next one started or the run finished)."""
         if self.task is not None:
             total = self.progress.tasks[-1].total
             self.progress.update(self.task, completed=total)
 
-    def close(self) -> None:
-        self._finish()
+    def close(self, finished: bool = True) -> None:
+        """Stop the display; an interrupted or failed run leaves its bar where it stopped."""
+        if finished:
+            self._complete()
         if self.progress.live.is_started:
             self.progress.stop()
 
@@ -155,7 +159,7 @@ def shrink_command(model: Path, data: Path, classes: Path | None, as_json: bool,
         from onnxbits.train.checkpoint import checkpoint_path
 
         if view is not None:
-            view.close()
+            view.close(finished=False)
             view = None
         if worker:            # rank 0 saves the checkpoint and says so
             sys.exit(130)
@@ -165,6 +169,11 @@ def shrink_command(model: Path, data: Path, classes: Path | None, as_json: bool,
                  "--resume to continue", 130)
         fail("interrupted before the fine-tune started; nothing was saved: rerun the command", 130)
         return
+    except BaseException:
+        if view is not None:
+            view.close(finished=False)
+            view = None
+        raise
     finally:
         if view is not None:
             view.close()
@@ -182,13 +191,20 @@ def shrink_command(model: Path, data: Path, classes: Path | None, as_json: bool,
     out = Console(width=None if sys.stdout.isatty() else 160)
     print_report(analyze_model(result.output), out)
     acc = result.report["accuracy"]
-    for name in ("float", "quantized", "torch_sim_k_bit"):
-        a = acc[name]
+    rows = (("float", "float model, ORT"), ("quantized", "shrunk model, ORT"),
+            ("torch_sim_k_bit", "k-bit sim, torch"))
+    for key, label in rows:
+        a = acc[key]
         top = f"top-1 {a['top1']:.2f}  top-5 {a['top5']:.2f}  " if "top1" in a else ""
-        out.print(f"{name:>16}: {top}agreement with float {a['agreement']:.2f}%")
+        out.print(f"{label:>17}: {top}agreement with float {a['agreement']:.2f}%")
     v = result.report["verification"]
     out.print(f"verified in ONNX Runtime: max {v['max_steps']:.2f} quantization steps "
               f"over {v['tensors']} tensors")
+    if v.get("fused"):
+        f = v["fused"]
+        out.print(f"deployed graph (ORT, all optimizations) vs torch: relative error "
+                  f"{f['rel_l2']:.4f} (allowed {f['tolerance']}), argmax agreement "
+                  f"{f['agreement']:.1f}%")
     guard = result.report.get("guard") or {}
     if guard and not guard.get("held"):
         click.echo(f"Warning: --max-drop {guard['max_drop']} did not hold: the drop is "

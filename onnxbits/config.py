@@ -80,7 +80,8 @@ class ShrinkConfig:
         None, _DATA, "Measure only on images of the eval folder whose relative path matches "
         "GLOB.", metavar="GLOB")
     eval_fraction: float = option(
-        EVAL_FRACTION, _DATA, "Share of DATA held out for measuring when there is no separate eval set.")
+        EVAL_FRACTION, _DATA, "Share of DATA held out for measuring when there is no separate "
+        "eval set (at most 10000 images).")
     max_train_images: int | None = option(
         None, _DATA, "Use at most this many fine-tune images (a seeded sample).")
     augment: str = option(
@@ -157,7 +158,7 @@ class ShrinkConfig:
         "failing on them.", secondary="--no-skip-unsupported")
 
     def total_steps(self, n_train: int) -> int:
-        """Fine-tune steps: ``--steps``, else ``ceil(epochs x n_train / batch)``, else the default."""
+        """Fine-tune steps: ``--steps``, else ``ceil(epochs x n_train / batch)``, else 300."""
         if self.epochs is not None:
             return max(1, math.ceil(self.epochs * n_train / min(self.batch_size, n_train)))
         return self.steps if self.steps is not None else DEFAULT_STEPS

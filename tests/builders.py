@@ -94,6 +94,16 @@ def conv_relu_gemm(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
     return b.model(["N", 3, 8, 8], "logits", ["N", classes])
 
 
+def squeezenet_head(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv 1x1 (to classes) -> Relu -> GlobalAveragePool: logits of shape
+    ``(N, classes, 1, 1)``, as SqueezeNet writes them."""
+    b = _Builder(seed)
+    x = b.node("Relu", [b.conv("input", 3, 8, name="conv1")], name="relu1")
+    x = b.node("Relu", [b.conv(x, 8, classes, k=1, name="classifier")], name="relu2")
+    b.node("GlobalAveragePool", [x], name="gap")
+    return b.model(["N", 3, 8, 8], "logits", ["N", classes, 1, 1])
+
+
 def residual_block(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
     """Conv -> Relu -> [Conv -> Relu -> Conv] + skip -> Relu -> GAP -> Flatten -> Gemm."""
     b = _Builder(seed)

@@ -118,6 +118,8 @@ def test_human_readable_output(workspace: Path, tmp_path: Path) -> None:
                     "-o", out)
     assert result.exit_code == 0, result.output
     assert "verified in ONNX Runtime" in result.stdout and str(out) in result.stdout
+    for label in ("float model, ORT", "shrunk model, ORT", "k-bit sim, torch"):
+        assert re.search(rf"{label}: .*agreement with float", result.stdout), label
     assert out.is_file() and out.with_suffix(".json").is_file()
     assert not model.with_name("m.bits.onnx").exists()
 
@@ -447,3 +449,75 @@ def test_help_lists_at_most_45_options_in_groups() -> None:
     headings = re.findall(r"^(\w[\w ]+):$", result.output, re.M)
     assert headings == ["Data and preprocessing", "Budget and accuracy", "Training", "Output",
                         "Hardware", "Advanced", "Other"], headings
+
+
+def test_an_existing_checkpoint_is_never_overwritten_without_resume(
+        workspace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"an interrupted run")
+    before = files_under(tmp_path)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST, "-o", out)
+    assert_clean_failure(result, 2, r"m\.ckpt holds an interrupted run .*add --resume", before,
+                         tmp_path)
+    assert ckpt.read_bytes() == b"an interrupted run"
+
+
+def test_a_failure_after_the_fine_tune_takes_its_checkpoint_with_it(
+        workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxbits.pipeline.run as run
+
+    def broken(*args: object, **kwargs: object) -> None:
+        assert (tmp_path / "m.ckpt").is_file()       # the finished fine-tune was saved ...
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(run, "build_report", broken)
+    result = shrink(workspace / "model.onnx", "--data", workspace / "data", *FAST,
+                    "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "internal error: RuntimeError: report failed" in result.output
+    assert files_under(tmp_path) == set()           # ... and removed: a resume would fail alike
+
+
+def test_logits_of_shape_n_c_1_1_are_read_as_n_c(tmp_path: Path) -> None:
+    from tests.builders import squeezenet_head
+    onnx.save(squeezenet_head(classes=3), tmp_path / "sq.onnx")
+    data = image_folder(tmp_path / "data")
+    result = shrink(tmp_path / "sq.onnx", "--data", data, *FAST, "--json",
+                    "-o", tmp_path / "sq.bits.onnx")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verification"]["tensors"] > 0 and 0 <= report["accuracy"]["quantized"]["top1"]
+    assert not (tmp_path / "sq.bits.ckpt").exists()
+
+
+def test_an_interrupted_stage_keeps_its_bar_where_it_stopped() -> None:
+    import io
+
+    from onnxbits.cli.shrink import _ProgressView
+    from rich.console import Console
+
+    from onnxbits.train.history import StepRecord
+    view = _ProgressView(Console(file=io.StringIO()))
+    view("stage", {"name": "import"})
+    view("stage", {"name": "fine-tune", "total": 300})
+    view("step", {"record": StepRecord(step=0, phase="learn", loss=1.0, task=1.0, cost=8.0,
+                                       avg_bits=8.0, lam=0.05)})
+    view.close(finished=False)
+    tasks = view.progress.tasks
+    assert (tasks[0].completed, tasks[0].total) == (1, 1)          # a stage that ended
+    assert (tasks[1].completed, tasks[1].total) == (1, 300)        # not "300/300"
+
+
+def test_a_float_model_at_chance_is_warned_about(tmp_path: Path) -> None:
+    from onnx import numpy_helper
+    model = conv_relu_gemm(classes=3)
+    for init in model.graph.initializer:        # every logit tied: the float model guesses
+        if init.name.startswith("fc"):
+            init.CopyFrom(numpy_helper.from_array(
+                np.zeros_like(numpy_helper.to_array(init)), init.name))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = shrink(tmp_path / "m.onnx", "--data", image_folder(tmp_path / "data"), *FAST,
+                    "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Warning: the float model scores [\d.]+ % top-1 .*\(chance: 33.33 %\).*"
+                     r"--preset", result.stderr), result.stderr

@@ -126,7 +126,7 @@ def test_report_has_the_runtime(workspace: Path) -> None:
     assert tune["images_per_second"] == pytest.approx(steps * batch / tune["seconds"], rel=1e-2)
     assert report["config"]["device"] == "cpu" and report["config"]["amp"] == "off"
     stages = runtime["stages"]
-    assert list(stages) == ["import", "teacher", "fine-tune", "emit", "evaluate"]
+    assert list(stages) == ["import", "float eval", "fine-tune", "emit", "evaluate"]
     assert stages["import"] > 0 and stages["fine-tune"] > 0 and min(stages.values()) >= 0
     assert tune["seconds"] <= stages["fine-tune"] + 1e-3
     assert sum(stages.values()) <= report["seconds"] + 0.1

@@ -174,3 +174,32 @@ def test_evaluate_model_end_to_end(tmp_path: Path) -> None:
 def test_evaluate_model_needs_labels() -> None:
     with pytest.raises(DataError, match="needs labels"):
         evaluate_model(conv_relu_gemm(), tensors())
+
+
+def test_top1_and_top5_break_ties_alike() -> None:
+    # a constant output (every logit tied): top-1 picks class 0, top-5 classes 0-4, so that
+    # top-5 can never be below top-1
+    logits = np.zeros((10, 1000), dtype=np.float32)
+    labels = np.arange(10)
+    result = topk_accuracy(logits, labels)
+    assert (result.top1, result.top5) == (10.0, 50.0)
+    tied = np.array([[1.0, 3.0, 3.0, 0.0, 0.0, 0.0, 3.0]])
+    assert topk_accuracy(tied, np.array([1])).top1 == 100.0
+    assert topk_accuracy(tied, np.array([2])).top1 == 0.0
+    assert topk_accuracy(tied, np.array([3])).top5 == 100.0   # ranks 1,2,6,0,3
+    assert topk_accuracy(tied, np.array([5])).top5 == 0.0
+
+
+def test_an_ort_failure_inside_the_model_is_not_called_a_preprocessing_problem(
+        tmp_path: Path) -> None:
+    # Reshape to a fixed 7 elements fails at run time for any image
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [1, 7])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    images = ImageTensors(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), True,
+                          Preprocess())
+    with pytest.raises(InvalidModelError, match=r"ONNX Runtime failed running the model"):
+        predict_logits(make_session(model), images)

@@ -4,7 +4,15 @@ Every quantized activation tensor is compared after its DequantizeLinear, in uni
 tensor's quantization step: ``d = max |ORT - torch| / step``. ONNX Runtime runs with all graph
 optimizations off so that fusions cannot change the numerics; ties in rounding may flip one step,
 so ``d <= 1`` passes. On the ``ort`` and ``pack`` targets the torch activation quantizers run
-at the 8 bits ONNX Runtime executes (``exec_bits``), elsewhere at their learned bits.
+at the 8 bits ONNX Runtime executes (``exec_bits``), elsewhere at their learned bits. The
+model's first output is gated too: in that forced run it may differ from torch's by
+:data:`LOGIT_TOLERANCE` of its largest magnitude (float summation order only).
+
+Then the graph users deploy: ONNX Runtime with all its optimizations (QLinearConv, QGemm,
+QLinearAdd... with their own integer requantization) runs the batches, and its first output is
+compared with the torch model's free run: the relative L2 error ``|ORT - torch| / |torch|`` must
+stay within :data:`FUSED_TOLERANCE` (the report's ``verification.fused``, with the largest
+difference and the argmax agreement).
 """
 
 from __future__ import annotations
@@ -22,21 +30,46 @@ from onnxbits.emit.qparams import EXEC_BITS_ORT, INT8_TARGETS
 from onnxbits.errors import VerificationError
 from onnxbits.quant.network import QuantizedNetwork
 
+#: Largest first-output difference of the unoptimized graph (torch fed ORT's quantized tensors),
+#: relative to the largest output magnitude.
+LOGIT_TOLERANCE = 1e-3
+#: Largest relative L2 error of the fully optimized (deployed) graph's first output against the
+#: torch model's free run.
+FUSED_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class FusedCheck:
+    """The deployed graph (ORT, all optimizations) against the torch model's free run."""
+
+    rel_l2: float
+    max_abs: float
+    agreement: float
+    tolerance: float = FUSED_TOLERANCE
+
+    def to_dict(self) -> dict[str, float]:
+        return {"rel_l2": self.rel_l2, "max_abs": self.max_abs, "agreement": self.agreement,
+                "tolerance": self.tolerance}
+
 
 @dataclass(frozen=True)
 class Verification:
-    """Largest ORT-vs-torch difference, in steps of the worst tensor and on the logits."""
+    """Largest ORT-vs-torch difference, in steps of the worst tensor and on the logits, and the
+    deployed graph's check."""
 
     max_steps: float
     worst_tensor: str | None
     max_logit_diff: float
     tensors: int
     drift_share: float = 0.0
+    logit_scale: float = 0.0
+    fused: FusedCheck | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"max_steps": self.max_steps, "worst_tensor": self.worst_tensor,
-                "max_logit_diff": self.max_logit_diff, "tensors": self.tensors,
-                "drift_share": self.drift_share}
+                "max_logit_diff": self.max_logit_diff, "logit_scale": self.logit_scale,
+                "tensors": self.tensors, "drift_share": self.drift_share,
+                "fused": self.fused.to_dict() if self.fused is not None else None}
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
@@ -101,13 +134,14 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
         q.exec_bits = exec_bits
         hooks.append(q.register_forward_hook(
             lambda m, i, o, tensor=tensor: hook(m, i, o, tensor)))
-    worst, worst_tensor, logit_diff = 0.0, None, 0.0
+    worst, worst_tensor, logit_diff, scale = 0.0, None, 0.0, 0.0
     drift, elements = 0, 0
+    free: list[np.ndarray] = []
     try:
         for x in batches:
             results = dict(zip(out_names, session.run(None, {input_name: x.numpy()})))
             forced.clear()
-            net(x)  # free run: measure drift
+            free.append(net(x).numpy())  # free run: measure drift
             for tensor, q in acts:
                 name = outputs[tensor]
                 if name is not None and tensor in captured:
@@ -118,7 +152,9 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
                            if outputs[t] is not None})
             captured.clear()
             logits = net(x).numpy()  # forced run: local differences only
-            logit_diff = max(logit_diff, float(np.abs(results[out_names[0]] - logits).max()))
+            ort_logits = results[out_names[0]].reshape(logits.shape)
+            logit_diff = max(logit_diff, float(np.abs(ort_logits - logits).max()))
+            scale = max(scale, float(np.abs(logits).max()))
             for tensor, q in acts:
                 name = outputs[tensor]
                 if name is None or tensor not in captured:
@@ -131,14 +167,40 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
             h.remove()
         for tensor, q in acts:
             q.exec_bits = saved[tensor]
-    result = Verification(worst, worst_tensor, logit_diff, len(names),
-                          drift / elements if elements else 0.0)
     if worst > tolerance_steps + 1e-3:
         raise VerificationError(
             f"the emitted model differs from the torch model by {worst:.2f} quantization steps at "
             f"tensor '{worst_tensor}' (allowed {tolerance_steps}); this is a bug in onnxbits, "
             "please report it with the model")
-    return result
+    if logit_diff > LOGIT_TOLERANCE * scale + 1e-6:
+        raise VerificationError(
+            f"the emitted model's output differs from the torch model's by {logit_diff:.4g} "
+            f"(largest output {scale:.4g}, allowed {LOGIT_TOLERANCE:g} of it) with all quantized "
+            "tensors equal; this is a bug in onnxbits, please report it with the model")
+    fused = _check_fused(emitted, batches, free)
+    if fused.rel_l2 > fused.tolerance:
+        raise VerificationError(
+            f"ONNX Runtime's optimized graph (what deploys) differs from the torch model by a "
+            f"relative L2 error of {fused.rel_l2:.3f} on the output (allowed "
+            f"{fused.tolerance}); this is a bug in onnxbits or ONNX Runtime "
+            f"{ort.__version__}, please report it with the model")
+    return Verification(worst, worst_tensor, logit_diff, len(names),
+                        drift / elements if elements else 0.0, scale, fused)
+
+
+def _check_fused(emitted: onnx.ModelProto, batches: list[Tensor],
+                 free: list[np.ndarray]) -> FusedCheck:
+    """Run ``emitted`` with all ORT optimizations; compare its first output with ``free``."""
+    session = ort.InferenceSession(emitted.SerializeToString(), ort.SessionOptions(),
+                                   providers=["CPUExecutionProvider"])
+    input_name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
+    got = np.concatenate([session.run([output], {input_name: x.numpy()})[0].reshape(len(x), -1)
+                          for x in batches])
+    want = np.concatenate(free).reshape(len(got), -1)
+    diff = got - want
+    rel = float(np.linalg.norm(diff) / max(float(np.linalg.norm(want)), 1e-12))
+    agree = float(100.0 * np.mean(got.argmax(1) == want.argmax(1))) if want.shape[1] > 1 else 100.0
+    return FusedCheck(rel, float(np.abs(diff).max()), agree)
 
 
 def _step(q: torch.nn.Module) -> float:

@@ -7,12 +7,15 @@ Nodes without a name are named ``<op_type>_<index>`` (as ``normalize.name_nodes`
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops that move or select values without changing them: a quantized tensor stays on its grid.
@@ -157,8 +160,11 @@ def infer_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, Shape]:
     del copy.graph.value_info[:]
     try:
         copy = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
-    except Exception:  # a partial answer beats none: keep the inputs and initializers
-        pass
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
+        # a partial answer beats none: keep the inputs and initializers, and say so
+        log.warning("ONNX shape inference failed (%s): shapes, MACs and BOPs are known only "
+                    "for the layers whose inputs are declared", str(exc).strip().splitlines()[0]
+                    if str(exc).strip() else type(exc).__name__)
     shapes: dict[str, Shape] = {t.name: list(t.dims) for t in copy.graph.initializer}
     for value in [*copy.graph.input, *copy.graph.value_info, *copy.graph.output]:
         tensor_type = value.type.tensor_type

@@ -66,7 +66,7 @@ from onnxbits.pipeline.summary import (
 from onnxbits.pipeline.summary import torch_logits as torch_logits
 from onnxbits.quant.cost import bit_cost
 from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
-from onnxbits.report.evaluate import make_session, predict_logits
+from onnxbits.report.evaluate import make_session, predict_logits, topk_accuracy
 from onnxbits.train.budget import LambdaController, budget_target, freeze_to_budget
 from onnxbits.train.checkpoint import (
     CheckpointSpec,
@@ -175,14 +175,32 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     if min(cfg.batch_size, len(train)) < ctx.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (with {len(train)} fine-tune images) is "
                           f"smaller than the {ctx.world} torchrun processes; raise --batch-size")
-    stages.start("teacher")
+    stages.start("float eval", total=len(evaluation))   # the float model on the eval split
     session = make_session(original, threads=cfg.threads)
-    float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size)
+    float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size,
+                                progress=lambda k: emit_event(on_event, "decode", n=k))
     check_labels(train, float_eval.shape[1])
+    warnings.extend(_chance_warning(evaluation, float_eval, cfg))
     teacher = OnlineTeacher(float_graph, cache=len(train) if isinstance(train, ImageTensors)
                             else None)
     return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
                    teacher, float_eval, warnings)
+
+
+def _chance_warning(evaluation: Images, float_eval: np.ndarray, cfg: ShrinkConfig) -> list[str]:
+    """A warning when the float model itself is near chance on the labelled eval split: the
+    preprocessing (or the labels) most likely do not match the model."""
+    classes = float_eval.shape[1]
+    if not evaluation.has_labels or classes < 2:
+        return []
+    top1 = topk_accuracy(float_eval, evaluation.kept_labels()).top1
+    chance = 100.0 / classes
+    if top1 >= 2 * chance:
+        return []
+    return [f"the float model scores {top1:.2f} % top-1 on the eval images of {cfg.data} "
+            f"(chance: {chance:.2f} %): the preprocessing or the labels probably do not match "
+            "the model; choose its --preset or set --resize/--crop/--mean/--std (and --classes, "
+            "--label-offset)"]
 
 
 def _train_config(cfg: ShrinkConfig, objective: str, loss: str, n_train: int) -> TrainConfig:
@@ -225,6 +243,9 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     report_path = output.with_suffix(".json")
     original = load_model(model_path)
     check_output_path(model_path, output)
+    if not cfg.resume and checkpoint_path(output).exists():
+        raise ConfigError(f"{checkpoint_path(output)} holds an interrupted run writing {output}; "
+                          "add --resume to continue it, or delete it to start over")
     found = quantized_nodes(original)
     if found:
         raise InvalidModelError(
@@ -281,37 +302,41 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     close(ctx)
     if not ctx.is_main:
         return ShrinkResult(output, report_path, {}, history, main=False)
-    runtime = runtime_info(ctx, cfg.amp, cpu, len(steps_run), min(cfg.batch_size, len(train)),
-                           tuned, resident)
-    net.graph.cpu()
-    guard: dict[str, Any] = {}
-    if cfg.max_drop is not None:
-        stages.start("accuracy guard")
-        guard = _guard(cfg, tcfg, inputs, net, calib, fetch, teacher, ctx.device)
-    if cfg.target in ("ort", "pack"):
-        limit_clip_alphas(model, net)
-    stages.start("emit")
-    source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
-              "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
-              "steps": tcfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
-              "min_act_bits": cfg.act_floor, "max_bits": cfg.max_bits}
-    emitted = emit(model, net, cfg.target, source=source)
-    verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target)
-    stages.start("evaluate")
-    report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
-    report["config"].update(task_loss=inputs.loss, steps=tcfg.steps)   # as run (--epochs: computed)
-    report.update(
-        model=str(model_path), output=str(output), data=inputs.split,
-        verification=verification.to_dict(), guard=guard, warnings=warnings,
-        float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in inputs.floats],
-        budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
-                "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
-        reconstruction=blocks,
-        runtime={**runtime, "stages": stages.seconds()},
-        seconds=round(time.perf_counter() - started, 1))
-    save_model_atomic(emitted, output)
-    write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
-    outputs = write_run_outputs(output, report, history)
+    try:     # after the fine-tune a failure repeats on --resume: the checkpoint goes with it
+        runtime = runtime_info(ctx, cfg.amp, cpu, len(steps_run), min(cfg.batch_size, len(train)),
+                               tuned, resident)
+        net.graph.cpu()
+        guard: dict[str, Any] = {}
+        if cfg.max_drop is not None:
+            stages.start("accuracy guard")
+            guard = _guard(cfg, tcfg, inputs, net, calib, fetch, teacher, ctx.device)
+        if cfg.target in ("ort", "pack"):
+            limit_clip_alphas(model, net)
+        stages.start("emit")
+        source = {"model": model_path.name, "objective": objective, "lambda": cfg.lam,
+                  "budget": budget, "final_lambda": history[-1].lam if history else cfg.lam,
+                  "steps": tcfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
+                  "min_act_bits": cfg.act_floor, "max_bits": cfg.max_bits}
+        emitted = emit(model, net, cfg.target, source=source)
+        verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target)
+        stages.start("evaluate")
+        report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
+        report["config"].update(task_loss=inputs.loss, steps=tcfg.steps)  # as run
+        report.update(
+            model=str(model_path), output=str(output), data=inputs.split,
+            verification=verification.to_dict(), guard=guard, warnings=warnings,
+            float_layers=[{"node": f.node, "op": f.op, "reason": f.reason} for f in inputs.floats],
+            budget={"objective": objective, "target": budget, "moved_at_freeze": moved,
+                    "final_cost": float(bit_cost(objective, layer_bits(net)).detach())},
+            reconstruction=blocks,
+            runtime={**runtime, "stages": stages.seconds()},
+            seconds=round(time.perf_counter() - started, 1))
+        save_model_atomic(emitted, output)
+        write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
+        outputs = write_run_outputs(output, report, history)
+    except Exception:
+        remove_checkpoint(ckpt.path)
+        raise
     remove_checkpoint(ckpt.path)
     return ShrinkResult(output, report_path, report, history, outputs)
 

@@ -208,7 +208,9 @@ def _run(body: Callable[..., Any], x: Tensor, *args: Any) -> Any:
                torch.get_num_threads(), *flags)
         try:
             return _compiled(body, key)(x, *args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+        except torch.OutOfMemoryError:    # not a compiler failure: the caller must see it
+            raise
+        except Exception as exc:  # noqa: BLE001 - inductor/dynamo/C-compiler failures: run eagerly
             _state["compile_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("torch.compile of the quantizer kernel failed (%s); quantizers run "
                         "eagerly from now on", _state["compile_error"])

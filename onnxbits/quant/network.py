@@ -79,9 +79,11 @@ class QuantizedNetwork:
     layer_act: dict[str, str | None] = field(default_factory=dict)  # site node -> tensor
 
     def __call__(self, x: Tensor) -> Tensor:
-        """The first graph output: the logits the fine-tune, the evaluation and the guard read
-        (as ONNX Runtime's first output in :func:`onnxbits.report.evaluate.predict_logits`)."""
-        return first_output(self.graph(x))
+        """The first graph output, flattened to ``(N, -1)``: the logits the fine-tune, the
+        evaluation and the guard read (as ONNX Runtime's first output in
+        :func:`onnxbits.report.evaluate.predict_logits`; e.g. ``(N, 1000, 1, 1)`` -> ``(N, 1000)``)."""
+        out = first_output(self.graph(x))
+        return out.flatten(1) if out.dim() > 2 else out
 
     @property
     def device(self) -> torch.device:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from onnxbits.data.decode import iterate_batches
 from onnxbits.data.stream import Images, read_ahead
@@ -74,6 +75,11 @@ def make_session(model: ModelLike, threads: int | None = None,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {first}; check that it is "
                                 "a valid ONNX model (onnx.checker.check_model)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _shape_str(dims: list[int | str | None] | tuple[int, ...]) -> str:
@@ -148,10 +154,15 @@ def predict_logits(session: ort.InferenceSession, tensors: Images, batch_size: i
             x = np.concatenate([x, np.zeros((fixed - len(x), *x.shape[1:]), x.dtype)])
         try:
             (y,) = session.run([output], {inp.name: x.astype(dtype, copy=False)})
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind11 exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"ONNX Runtime failed on model input '{inp.name}' with a batch of "
-                            f"shape {_shape_str(x.shape)}: {first}; {_FIX_HINT}") from exc
+        except InvalidArgument as exc:   # the inputs do not fit: a preprocessing matter
+            raise DataError(f"ONNX Runtime refused model input '{inp.name}' with a batch of "
+                            f"shape {_shape_str(x.shape)}: {_first_line(exc)}; "
+                            f"{_FIX_HINT}") from exc
+        except (Fail, RuntimeException) as exc:    # the model itself failed while running
+            raise InvalidModelError(f"ONNX Runtime failed running the model on a batch of "
+                                    f"shape {_shape_str(x.shape)}: {_first_line(exc)}; where "
+                                    "a node's shape is the cause, the images may need another "
+                                    "size (--preset, --resize/--crop)") from exc
         chunks.append(np.asarray(y, dtype=np.float32).reshape(len(y), -1)[:rows])
         if progress is not None:
             progress(len(indices))
@@ -184,8 +195,10 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> EvalResult:
         raise DataError(f"label {labels.max()} out of range for {k} model outputs; "
                         "check --label-offset/--classes")
     top = min(5, k)
-    best = np.argpartition(-logits, top - 1, axis=1)[:, :top]
-    top1 = np.argmax(logits, axis=1) == labels
+    # one ranking for both: a stable sort breaks ties by index, as argmax does, so every top-1
+    # hit is a top-5 hit
+    best = np.argsort(-logits, axis=1, kind="stable")[:, :top]
+    top1 = best[:, 0] == labels
     top5 = (best == labels[:, None]).any(axis=1)
     n = len(labels)
     return EvalResult(top1=float(100.0 * top1.sum() / n), top5=float(100.0 * top5.sum() / n), n=n)

@@ -80,7 +80,8 @@ def _optimizer(net: QuantizedNetwork, cfg: TrainConfig, bits: bool) -> torch.opt
     if bits:
         lo, hi = net.quantizers()[0].min_bits, net.quantizers()[0].max_bits
         default = 2.0 * max(hi - lo, 1) / max(cfg.learn_steps(), 1)
-        groups.append({"params": net.bit_parameters(), "lr": default if cfg.bits_lr is None else cfg.bits_lr})
+        lr = default if cfg.bits_lr is None else cfg.bits_lr
+        groups.append({"params": net.bit_parameters(), "lr": lr})
     return torch.optim.Adam(groups)
 
 
