@@ -25,7 +25,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: The ``--help`` heading of these options.
 DATA_GROUP = "data and preprocessing"
 
-PREPROCESS_KEYS = ("preset", "resize", "crop", "mean", "std", "scale", "label_offset")
+PREPROCESS_KEYS = ("preset", "resize", "crop", "mean", "std", "scale", "label_offset", "channels")
+CHANNELS = ("rgb", "bgr", "gray")
 
 
 class FloatList(click.ParamType):
@@ -60,6 +61,8 @@ def _describe(pre: Preprocess) -> str:
         parts.append(f"crop {pre.crop}")
     if pre.grayscale:
         parts.append("grayscale")
+    if pre.bgr:
+        parts.append("BGR")
     parts.append(f"scale {pre.scale:.4g}")
     parts.append("mean " + ",".join(f"{m:g}" for m in pre.mean))
     parts.append("std " + ",".join(f"{s:g}" for s in pre.std))
@@ -93,6 +96,9 @@ def _options(data_required: bool) -> list[Callable[[F], F]]:
                      help="Per-channel std dividing after the mean, e.g. 0.229,0.224,0.225."),
         _option("--scale", type=float, metavar="F",
                      help="Pixel (0..255) factor before the mean: x = (pixel*F - mean) / std."),
+        _option("--channels", type=click.Choice(CHANNELS),
+                     help="Channel layout the model takes: rgb, bgr (OpenCV-style) or gray "
+                          "(one channel) [default: the preset's, else rgb]."),
         _option("--label-offset", type=int, metavar="K",
                      help="Model output index = dataset label + K (1 for 1001-class "
                           "TF MobileNets)."),
@@ -126,4 +132,7 @@ def preprocess_from_options(**kwargs: Any) -> Preprocess:
         if isinstance(options[key], str):
             options[key] = FloatList().convert(options[key], None, None)
     preset = options.pop("preset")
+    channels = options.pop("channels")
+    if channels is not None:
+        options.update(grayscale=channels == "gray", bgr=channels == "bgr")
     return resolve_preprocess(preset, **options)

@@ -128,8 +128,12 @@ def test_layer_that_cannot_be_quantized_stays_in_float_with_a_warning(ws: Path,
 
 def test_grayscale_images_into_a_three_channel_model(ws: Path, tmp_path: Path) -> None:
     run_fails(ws, tmp_path, 1, r"expects shape \[N, 3, 8, 8\] but the images give \[N, 1, 8, 8\]; "
-                               r"choose the model's --preset", ws / "model.onnx", "--data",
+                               r"use --channels rgb", ws / "model.onnx", "--data",
               ws / "data", "--preset", "digits")
+    # and what the hint says works: the preset's grayscale is overridden
+    result = shrink(ws / "model.onnx", "--data", ws / "data", "--preset", "digits",
+                    "--channels", "rgb", *FAST, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0, result.output
 
 
 def test_images_into_a_model_of_another_input_rank(ws: Path, tmp_path: Path) -> None:

@@ -336,3 +336,16 @@ def test_with_mirrors_appends_horizontal_mirrors_with_the_same_labels() -> None:
     np.testing.assert_array_equal(both.images[:2], images)
     np.testing.assert_array_equal(both.images[2:], images[:, :, ::-1])
     np.testing.assert_array_equal(both.batch([3]), tensors.batch([1])[..., ::-1])
+
+
+def test_bgr_channels_reverse_the_decoded_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    image_set = load_image_set(tmp_path)
+    rgb, _ = decode_images(image_set, Preprocess())
+    bgr, _ = decode_images(image_set, Preprocess(bgr=True))
+    np.testing.assert_array_equal(rgb.images[0], pixels)
+    np.testing.assert_array_equal(bgr.images[0], pixels[:, :, ::-1])
+    with pytest.raises(ConfigError, match="a grayscale image has no channel order"):
+        Preprocess(bgr=True, grayscale=True)

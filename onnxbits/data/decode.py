@@ -117,7 +117,9 @@ def _decode_one(path: Path, pre: Preprocess) -> np.ndarray:
     if pre.crop is not None and img.size != (pre.crop, pre.crop):
         img = img.crop(_center_crop_box(img.size, pre.crop))
     array = np.asarray(img, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    if array.ndim == 2:
+        return array[:, :, None]
+    return np.ascontiguousarray(array[:, :, ::-1]) if pre.bgr else array
 
 
 def _try_decode(path: Path, pre: Preprocess) -> np.ndarray | str:

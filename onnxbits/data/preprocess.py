@@ -36,6 +36,7 @@ class Preprocess:
         std: Per-channel standard deviation (one value or one per channel), no zeros.
         scale: Factor applied to the 0..255 pixel before the mean is subtracted.
         grayscale: Convert to a single channel (PIL mode ``L``) instead of RGB.
+        bgr: Feed the channels in BGR order (OpenCV-style exports) instead of RGB.
         label_offset: Model output index = dataset label + label_offset.
     """
 
@@ -46,6 +47,7 @@ class Preprocess:
     scale: float = 1.0
     grayscale: bool = False
     label_offset: int = 0
+    bgr: bool = False
 
     def __post_init__(self) -> None:
         for name in ("resize", "crop"):
@@ -63,6 +65,9 @@ class Preprocess:
                     f"channel(s); give 1 or {self.channels} comma-separated values")
         if any(s == 0 for s in std):
             raise ConfigError(f"--std must not contain 0, got {','.join(map(str, std))}")
+        if self.bgr and self.grayscale:
+            raise ConfigError("a grayscale image has no channel order: drop --channels bgr or "
+                              "use --channels gray")
         if not self.scale or not np.isfinite(self.scale):
             raise ConfigError(f"--scale must be a finite non-zero number, got {self.scale}")
 

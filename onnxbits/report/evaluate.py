@@ -103,8 +103,12 @@ def _layout(inp: ort.NodeArg, chw: tuple[int, int, int]) -> str:
         return "nhwc"
     if fits((c * h * w,)):
         return "flat"
+    hint = _FIX_HINT
+    wanted = {d for d in (dims[1], dims[-1]) if len(dims) == 4 and d in (1, 3)}
+    if wanted and c not in wanted:      # a channel count the images do not have
+        hint = f"use --channels {'gray' if 1 in wanted else 'rgb'} (or the model's --preset)"
     raise DataError(f"model input '{inp.name}' expects shape {_shape_str(dims)} but the images "
-                    f"give {_shape_str(['N', c, h, w])}; {_FIX_HINT}")
+                    f"give {_shape_str(['N', c, h, w])}; {hint}")
 
 
 def predict_logits(session: ort.InferenceSession, tensors: Images, batch_size: int = 64,
