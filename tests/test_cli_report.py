@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from onnxbits.cli.report import report_command
@@ -88,3 +89,26 @@ def test_every_option_has_help() -> None:
             assert param.help, param.name  # type: ignore[attr-defined]
     result = _invoke("--help")
     assert result.exit_code == 0 and "--plot FILE.png" in result.output
+
+
+def test_weights_built_by_constantofshape_are_layers(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    model = builders.conv_relu_gemm(classes=3)
+    conv = next(n for n in model.graph.node if n.name == "conv1")
+    weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    dims = list(weight.dims)
+    model.graph.initializer.remove(weight)           # the weight becomes ConstantOfShape(dims)
+    model.graph.initializer.append(numpy_helper.from_array(
+        np.array(dims, dtype=np.int64), "w_shape"))
+    model.graph.node.insert(0, helper.make_node(
+        "ConstantOfShape", ["w_shape"], [conv.input[1]], name="make_w",
+        value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.05])))
+    onnx.checker.check_model(model)
+    path = tmp_path / "cos.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(report_command, [str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [layer["name"] for layer in report["layers"]][:1] == ["conv1"]
+    assert len(report["layers"]) == 3 and report["total_params"] > 0

@@ -39,6 +39,7 @@ from onnxbits.graph.index import (
 )
 from onnxbits.graph.io import load_model
 from onnxbits.graph.macs import layer_cost
+from onnxbits.graph.normalize import constants_to_initializers
 
 __all__ = ["HEADERS", "LayerReport", "ModelReport", "TensorReport", "analyze_model",
            "format_bytes", "format_count"]
@@ -252,6 +253,11 @@ def analyze_model(model: onnx.ModelProto | str | Path) -> ModelReport:
     meta = read_metadata(proto, source)
     if meta.get("target") == "pack":
         proto = graph_view(proto)
+    elif not meta:   # a float model: weights built by Constant/ConstantOfShape nodes count too,
+        folded = onnx.ModelProto()           # as shrink sees them (onnxbits outputs have none)
+        folded.CopyFrom(proto)
+        if constants_to_initializers(folded):
+            proto = folded
     index = GraphIndex(proto)
     shapes = infer_shapes(proto)
     sites = quantizable_nodes(proto, index)
