@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
@@ -265,13 +266,37 @@ def test_resume_without_a_checkpoint(ws: Path, tmp_path: Path) -> None:
                                r"--resume", ws / "model.onnx", "--data", ws / "data", "--resume")
 
 
-def test_fixed_batch_model_with_another_batch_size(ws: Path, tmp_path: Path) -> None:
-    model = conv_relu_gemm(classes=3)
+def _batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_value = 1
+    return model
+
+
+def test_a_model_declaring_batch_1_fine_tunes_at_any_batch(ws: Path, tmp_path: Path) -> None:
+    onnx.save(_batch_one(conv_relu_gemm(classes=3)), tmp_path / "fixed.onnx")
+    out = tmp_path / "out.onnx"
+    result = shrink(tmp_path / "fixed.onnx", "--data", ws / "data", *FAST, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Warning: model input 'input' declares a fixed batch of 1; the fine-tune runs at " \
+           "--batch-size 8" in result.stderr
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):      # the declared batch still runs, and others too
+        (y,) = session.run(None, {"input": np.zeros((batch, 3, 8, 8), np.float32)})
+        assert y.shape == (batch, 3)
+
+
+def test_a_graph_that_fixes_its_batch_inside_asks_for_that_batch(ws: Path,
+                                                                 tmp_path: Path) -> None:
+    model = _batch_one(conv_relu_gemm(classes=3))
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    shape = onnx.numpy_helper.from_array(np.array([1, 8], np.int64), "fixed_shape")
+    model.graph.initializer.append(shape)
+    reshape = onnx.helper.make_node("Reshape", [flatten.input[0], "fixed_shape"],
+                                    [flatten.output[0]], name="reshape")
+    flatten.CopyFrom(reshape)
     onnx.save(model, tmp_path / "fixed.onnx")
-    run_fails(ws, tmp_path, 2, r"model input 'input' has a fixed batch of 1; use --batch-size 1",
-              tmp_path / "fixed.onnx", "--data", ws / "data")
+    run_fails(ws, tmp_path, 2, r"the graph only runs at its declared batch of 1 .*use "
+                               r"--batch-size 1", tmp_path / "fixed.onnx", "--data", ws / "data")
 
 
 # --- --debug ----------------------------------------------------------------------------------

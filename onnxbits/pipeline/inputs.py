@@ -54,12 +54,50 @@ def check_output_path(model_path: Path, output: Path) -> None:
     os.unlink(probe)
 
 
-def check_batch_size(model: onnx.ModelProto, batch_size: int) -> None:
-    """A model with a fixed batch dimension runs only at that batch size."""
+def relax_batch(model: onnx.ModelProto, batch_size: int) -> tuple[onnx.ModelProto, str | None]:
+    """A model whose inputs declare a fixed batch other than ``batch_size``: a copy whose graph
+    inputs and outputs take any batch (``N``), and a warning saying so; else ``(model, None)``.
+
+    The fine-tune and the emitted model then run at any batch (ONNX Runtime still accepts the
+    declared one); :func:`check_batch_free` tells when the graph itself fixes the batch.
+    """
     fixed = fixed_batch(model)
-    if fixed is not None and fixed[1] != batch_size:
-        raise ConfigError(f"model input '{fixed[0]}' has a fixed batch of {fixed[1]}; use "
-                          f"--batch-size {fixed[1]} or re-export the model with a dynamic batch")
+    if fixed is None or fixed[1] == batch_size:
+        return model, None
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    inits = {t.name for t in relaxed.graph.initializer}
+    for value in [*relaxed.graph.input, *relaxed.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in inits and dims and dims[0].HasField("dim_value") \
+                and dims[0].dim_value == fixed[1]:
+            dims[0].dim_param = "N"         # clears dim_value (a oneof)
+    del relaxed.graph.value_info[:]
+    return relaxed, (f"model input '{fixed[0]}' declares a fixed batch of {fixed[1]}; the "
+                     f"fine-tune runs at --batch-size {batch_size} and the output model takes "
+                     "any batch size")
+
+
+def check_batch_free(graph: torch.nn.Module, model: onnx.ModelProto, name: str,
+                     batch: int) -> None:
+    """The float graph must run a batch of 2 where the model declared another fixed batch
+    ``batch``; else the graph hard-codes it (e.g. a Reshape to [1, -1])."""
+    inits = {t.name for t in model.graph.initializer}
+    first = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value for d in first.type.tensor_type.shape.dim[1:]]
+    if not dims or not all(d > 0 for d in dims):
+        return                      # spatial size unknown until the images are read
+    try:
+        with torch.no_grad():
+            out = graph(torch.zeros(2, *dims))
+        out = out[0] if isinstance(out, list | tuple) else out
+        ok = out.shape[0] == 2
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name}: the graph only runs at its declared batch of {batch} (it "
+                          f"fixes the batch inside, e.g. in a Reshape); use --batch-size {batch} "
+                          "or re-export the model with a dynamic batch")
 
 
 def emit_event(on_event: Event | None, kind: str, **info: Any) -> None:

@@ -36,7 +36,13 @@ from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
 from onnxbits.emit.targets import emit
 from onnxbits.emit.verify import verify
 from onnxbits.errors import ConfigError, DataError, InvalidModelError
-from onnxbits.graph.io import load_model, quantized_nodes, save_model_atomic, write_bytes_atomic
+from onnxbits.graph.io import (
+    fixed_batch,
+    load_model,
+    quantized_nodes,
+    save_model_atomic,
+    write_bytes_atomic,
+)
 from onnxbits.graph.normalize import normalize
 from onnxbits.importer.convert import (
     FloatLayer,
@@ -50,11 +56,12 @@ from onnxbits.pipeline.inputs import (
     Event,
     StageClock,
     batch_fetcher,
-    check_batch_size,
+    check_batch_free,
     check_labels,
     check_output_path,
     emit_event,
     load_splits,
+    relax_batch,
 )
 from onnxbits.pipeline.outputs import write_run_outputs
 from onnxbits.pipeline.summary import (
@@ -82,7 +89,7 @@ from onnxbits.train.loop import fine_tune
 from onnxbits.train.reconstruct import BlockResult
 from onnxbits.train.teacher import OnlineTeacher
 
-__all__ = ["ShrinkResult", "budget_target", "check_batch_size", "check_output_path",
+__all__ = ["ShrinkResult", "budget_target", "check_output_path",
            "default_output", "load_splits", "shrink", "torch_logits"]
 
 
@@ -153,15 +160,20 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     logits on the evaluation split (``stages``: teacher); user errors raise :class:`ConfigError` or
     :class:`InvalidModelError`."""
     stages.start("import")
-    model = normalize(original, str(model_path))
+    declared = fixed_batch(original)
+    relaxed, batch_note = relax_batch(original, cfg.batch_size)
+    model = normalize(relaxed, str(model_path))
     float_graph = convert(model, str(model_path))
+    if batch_note is not None and declared is not None:
+        check_batch_free(float_graph, model, str(model_path), declared[1])
     sites = find_sites(model, float_graph)
     floats = float_layers(model, float_graph)
     warnings = float_layer_warnings(str(model_path), model, floats, cfg.skip_unsupported)
+    if batch_note is not None:
+        warnings.append(batch_note)
     if not sites:
         raise InvalidModelError(f"{model_path}: no quantizable layer (Conv, Gemm or MatMul with a "
                                 "constant weight); nothing to shrink")
-    check_batch_size(original, cfg.batch_size)
     train, evaluation, split = load_splits(cfg, on_event)
     if split["bad_images"]:
         warnings.append(f"skipped {split['bad_images']} unreadable image(s) in {cfg.data}; "
