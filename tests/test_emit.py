@@ -294,3 +294,32 @@ def test_verify_rejects_a_model_that_differs_from_the_torch_model() -> None:
     with pytest.raises(VerificationError, match=r"differs from the torch model by .* quantization "
                                                 r"steps at tensor 'relu1_out'"):
         verify(model, t.net, [t.x[:16]], "exact-sim")
+
+
+def test_verification_reports_and_gates_the_deployed_graph(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxbits.emit.verify as verify_module
+    t = trained("conv_relu_gemm")
+    model = emitted("conv_relu_gemm", "ort")
+    result = verify(model, t.net, [t.x[:16]], "ort")
+    assert result.fused is not None and result.fused.rel_l2 <= result.fused.tolerance
+    assert result.to_dict()["fused"]["agreement"] == result.fused.agreement
+    # the fused check compares with the torch free run: a wrong reference is a large error
+    wrong = verify_module._check_fused(model, [t.x[:16]], [-t.net(t.x[:16]).detach().numpy()])
+    assert wrong.rel_l2 > wrong.tolerance
+    monkeypatch.setattr(verify_module, "_check_fused", lambda *a: wrong)
+    with pytest.raises(VerificationError, match=r"ONNX Runtime's optimized graph \(what deploys\) "
+                                                r"differs .* relative L2 error of"):
+        verify(model, t.net, [t.x[:16]], "ort")
+
+
+def test_a_perturbed_requantization_scale_fails_verification() -> None:
+    t = trained("conv_relu_gemm")
+    model = onnx.ModelProto()
+    model.CopyFrom(emitted("conv_relu_gemm", "exact-sim"))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
+             and not n.input[0].endswith("weight"))            # an activation's quantizer
+    scale = next(i for i in model.graph.initializer if i.name == q.input[1])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.7, scale.name))
+    with pytest.raises(VerificationError, match=r"differs from the torch model by "):
+        verify(model, t.net, [t.x[:16]], "exact-sim")
