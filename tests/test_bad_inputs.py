@@ -8,6 +8,7 @@ runtime errors), one ``Error:`` line on stderr that names the problem and the fi
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 from onnxbits.cli.main import main
 
-from tests.builders import conv_relu_gemm, image_folder, matmul_mlp
+from tests.builders import _Builder, conv_relu_gemm, image_folder, matmul_mlp
 from tests.test_cli_shrink import assert_clean_failure, error_line, files_under, shrink
 from tests.test_model_coverage import gru_model
 
@@ -321,3 +322,20 @@ def test_debug_shows_the_traceback_and_the_default_one_line(ws: Path, tmp_path: 
     assert "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1] == line
     assert files_under(tmp_path) == before
+
+
+def test_a_tiny_set_and_a_mostly_float_model_are_warned_about(ws: Path, tmp_path: Path) -> None:
+    b = _Builder(0)
+    x = b.node("Relu", [b.conv("input", 3, 8, name="conv1")], name="relu1")
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x], name="gap")], name="flat", axis=1)
+    x = b.gemm(x, 8, 8, name="fc1")
+    b.gemm(x, 8, 3, name="fc2")
+    model = b.model(["N", 3, 8, 8], "logits", ["N", 3])
+    for name in ("fc1.bias", "fc2.bias"):      # (1, K) biases: both Gemms stay float
+        bias = next(t for t in model.graph.initializer if t.name == name)
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias)[None], name))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = shrink(tmp_path / "m.onnx", "--data", ws / "data", *FAST, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+    assert "Warning: 2 of the 3 layers stay in float" in result.stderr, result.stderr
+    assert re.search(r"Warning: only \d+ fine-tune images in .*give at least 100", result.stderr)

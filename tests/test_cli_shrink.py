@@ -521,3 +521,12 @@ def test_a_float_model_at_chance_is_warned_about(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert re.search(r"Warning: the float model scores [\d.]+ % top-1 .*\(chance: 33.33 %\).*"
                      r"--preset", result.stderr), result.stderr
+
+
+def test_help_text_has_no_doubled_percent_signs_and_says_what_pack_is() -> None:
+    for command in ("shrink", "eval", "compare", "report"):
+        result = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
+        assert result.exit_code == 0 and "%%" not in result.output, command
+    text = " ".join(CliRunner().invoke(main, ["shrink", "--help"], terminal_width=200)
+                    .output.split())
+    assert "pack = smallest file (k-bit weight streams; onnxbits unpack gives the ort model)" in text

@@ -26,10 +26,6 @@ import torch
 from torch import fx
 
 from onnxbits.config import ShrinkConfig
-
-SHRINK_FIELDS = {f.name for f in dataclasses.fields(ShrinkConfig)}
-CALIB_BATCHES = 4  # batches of a seeded sample of the fine-tune images the ranges start from
-VERIFY_BATCHES = 2  # calibration batches the emitted model is verified on, tensor by tensor
 from onnxbits.data.decode import ImageTensors
 from onnxbits.data.stream import Images, StreamedImages
 from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
@@ -88,6 +84,11 @@ from onnxbits.train.history import StepRecord
 from onnxbits.train.loop import fine_tune
 from onnxbits.train.reconstruct import BlockResult
 from onnxbits.train.teacher import OnlineTeacher
+
+SHRINK_FIELDS = {f.name for f in dataclasses.fields(ShrinkConfig)}
+CALIB_BATCHES = 4  # batches of a seeded sample of the fine-tune images the ranges start from
+VERIFY_BATCHES = 2  # calibration batches the emitted model is verified on, tensor by tensor
+MIN_TRAIN_IMAGES = 100  # fewer fine-tune images than this get a warning
 
 __all__ = ["ShrinkResult", "budget_target", "check_output_path",
            "default_output", "load_splits", "shrink", "torch_logits"]
@@ -171,6 +172,9 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     warnings = float_layer_warnings(str(model_path), model, floats, cfg.skip_unsupported)
     if batch_note is not None:
         warnings.append(batch_note)
+    if len(floats) > len(sites):
+        warnings.append(f"{len(floats)} of the {len(floats) + len(sites)} layers stay in float "
+                        "(listed in the report's float_layers): most of the model is not shrunk")
     if not sites:
         raise InvalidModelError(f"{model_path}: no quantizable layer (Conv, Gemm or MatMul with a "
                                 "constant weight); nothing to shrink")
@@ -181,6 +185,10 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     if cfg.augment == "flip":
         train = train.with_mirrors()
         split["n_train_views"] = len(train)
+    if len(train) < MIN_TRAIN_IMAGES:
+        warnings.append(f"only {len(train)} fine-tune images in {cfg.data}: too few to tune on "
+                        f"reliably (the result may not hold on other images); give at least "
+                        f"{MIN_TRAIN_IMAGES}")
     loss = cfg.task_loss(train.has_labels)
     if loss != "kd" and not train.has_labels:
         raise ConfigError(f"--loss {cfg.loss} needs labels but {cfg.data} has none; use --loss kd")
