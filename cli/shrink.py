@@ -150,8 +150,10 @@ def shrink_command(model: Path, data: Path, classes: Path | None, as_json: bool,
     console = Console(stderr=True)
     worker = world_size() > 1 and os.environ.get("RANK", "0") != "0"
     view = None if (quiet or as_json or worker) else _ProgressView(console)
+    finished = False
     try:
         result = shrink(model, cfg, on_event=view)
+        finished = True
     except KeyboardInterrupt:
         from onnxbits.cli.errors import fail
 
@@ -169,14 +171,9 @@ def shrink_command(model: Path, data: Path, classes: Path | None, as_json: bool,
                  "--resume to continue", 130)
         fail("interrupted before the fine-tune started; nothing was saved: rerun the command", 130)
         return
-    except BaseException:
+    finally:     # a failed run leaves its bar where it stopped
         if view is not None:
-            view.close(finished=False)
-            view = None
-        raise
-    finally:
-        if view is not None:
-            view.close()
+            view.close(finished=finished)
     if not result.main:       # a torchrun process other than rank 0: rank 0 reports
         return
     for warning in result.report.get("warnings", []):

@@ -51,7 +51,7 @@ class ImageSet:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    return _has_image_extension(path.name) and path.is_file()
 
 
 def _has_image_extension(name: str) -> bool:

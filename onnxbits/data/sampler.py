@@ -53,14 +53,13 @@ class BatchSampler(Iterator[np.ndarray]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`."""
-        self.epoch = int(state["epoch"])
-        if state["epoch_rng"] is None:
+        if state["epoch_rng"] is None:       # saved before the first batch
             self.order, self.position, self._epoch_state = np.empty(0, dtype=np.int64), 0, None
-            return
-        self.rng.bit_generator.state = state["epoch_rng"]
-        self._new_epoch()
+        else:                                # draw that epoch's permutation again
+            self.rng.bit_generator.state = state["epoch_rng"]
+            self._new_epoch()
+            self.position = int(state["position"])
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> BatchSampler:

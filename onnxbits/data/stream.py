@@ -190,13 +190,13 @@ def open_images(image_set: ImageSet, pre: Preprocess, budget: int | None = None,
     A set without a crop is measured by its first readable image.
     """
     budget = MEMORY_BUDGET if budget is None else budget
+    streamed = StreamedImages(image_set, pre, threads=max(1, workers))
     size = decoded_bytes(image_set, pre)
-    if size is None:
-        probe = StreamedImages(image_set, pre)
-        c, h, w = probe.shape
+    if size is None:                     # the first readable image gives the size
+        c, h, w = streamed.shape
         size = len(image_set) * c * h * w
     if size <= budget:
         return decode_images(image_set, pre, max_bad_fraction=MAX_BAD_FRACTION, workers=workers,
                              progress=progress)
-    return StreamedImages(image_set, pre, threads=max(1, workers)), 0
+    return streamed, 0
 

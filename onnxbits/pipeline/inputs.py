@@ -23,7 +23,7 @@ from onnxbits.data.decode import ImageTensors
 from onnxbits.data.files import holdout_split, load_image_set, select_files, split_data_dir
 from onnxbits.data.stream import Images, StreamedImages, open_images
 from onnxbits.errors import ConfigError, DataError
-from onnxbits.graph.io import fixed_batch
+from onnxbits.quant.network import first_output
 from onnxbits.train.device import ResidentImages
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -54,14 +54,15 @@ def check_output_path(model_path: Path, output: Path) -> None:
     os.unlink(probe)
 
 
-def relax_batch(model: onnx.ModelProto, batch_size: int) -> tuple[onnx.ModelProto, str | None]:
+def relax_batch(model: onnx.ModelProto, fixed: tuple[str, int] | None,
+                batch_size: int) -> tuple[onnx.ModelProto, str | None]:
     """A model whose inputs declare a fixed batch other than ``batch_size``: a copy whose graph
     inputs and outputs take any batch (``N``), and a warning saying so; else ``(model, None)``.
 
     The fine-tune and the emitted model then run at any batch (ONNX Runtime still accepts the
     declared one); :func:`check_batch_free` tells when the graph itself fixes the batch.
+    ``fixed`` is :func:`onnxbits.graph.io.fixed_batch` of ``model``.
     """
-    fixed = fixed_batch(model)
     if fixed is None or fixed[1] == batch_size:
         return model, None
     relaxed = onnx.ModelProto()
@@ -90,8 +91,7 @@ def check_batch_free(graph: torch.nn.Module, model: onnx.ModelProto, name: str,
     try:
         with torch.no_grad():
             out = graph(torch.zeros(2, *dims))
-        out = out[0] if isinstance(out, list | tuple) else out
-        ok = out.shape[0] == 2
+        ok = first_output(out).shape[0] == 2
     except RuntimeError:
         ok = False
     if not ok:

@@ -162,7 +162,7 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     :class:`InvalidModelError`."""
     stages.start("import")
     declared = fixed_batch(original)
-    relaxed, batch_note = relax_batch(original, cfg.batch_size)
+    relaxed, batch_note = relax_batch(original, declared, cfg.batch_size)
     model = normalize(relaxed, str(model_path))
     float_graph = convert(model, str(model_path))
     if batch_note is not None and declared is not None:

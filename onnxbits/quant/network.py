@@ -81,7 +81,7 @@ class QuantizedNetwork:
     def __call__(self, x: Tensor) -> Tensor:
         """The first graph output, flattened to ``(N, -1)``: the logits the fine-tune, the
         evaluation and the guard read (as ONNX Runtime's first output in
-        :func:`onnxbits.report.evaluate.predict_logits`; e.g. ``(N, 1000, 1, 1)`` -> ``(N, 1000)``)."""
+        :func:`onnxbits.report.evaluate.predict_logits`; ``(N, 1000, 1, 1)`` -> ``(N, 1000)``)."""
         out = first_output(self.graph(x))
         return out.flatten(1) if out.dim() > 2 else out
 

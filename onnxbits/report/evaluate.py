@@ -72,9 +72,8 @@ def make_session(model: ModelLike, threads: int | None = None,
         return ort.InferenceSession(source, sess_options=options,
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind11 exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {first}; check that it is "
-                                "a valid ONNX model (onnx.checker.check_model)") from exc
+        raise InvalidModelError(f"ONNX Runtime cannot load '{name}': {_first_line(exc)}; check "
+                                "that it is a valid ONNX model (onnx.checker.check_model)") from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -199,11 +198,13 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> EvalResult:
         raise DataError(f"label {labels.max()} out of range for {k} model outputs; "
                         "check --label-offset/--classes")
     top = min(5, k)
-    # one ranking for both: a stable sort breaks ties by index, as argmax does, so every top-1
-    # hit is a top-5 hit
-    best = np.argsort(-logits, axis=1, kind="stable")[:, :top]
-    top1 = best[:, 0] == labels
-    top5 = (best == labels[:, None]).any(axis=1)
+    # one ranking for both, ties broken by index as argmax does (so every top-1 hit is a top-5
+    # hit): the label's rank is the number of logits above it, plus equal ones at lower indices
+    true = logits[np.arange(len(labels)), labels][:, None]
+    earlier = np.arange(k)[None, :] < labels[:, None]
+    rank = (logits > true).sum(axis=1) + ((logits == true) & earlier).sum(axis=1)
+    top1 = rank == 0
+    top5 = rank < top
     n = len(labels)
     return EvalResult(top1=float(100.0 * top1.sum() / n), top5=float(100.0 * top5.sum() / n), n=n)
 
