@@ -77,10 +77,12 @@ def _option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
 
 def _options(data_required: bool) -> list[Callable[[F], F]]:
     return [
-        _option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+        _option("--data", type=click.Path(exists=True, path_type=Path),
                      required=data_required,
                      help="Image folder: labels.csv (file,label), class sub-folders or flat "
-                          "images. With train/ and val/ inside, val/ is used for measuring."),
+                          "images; with train/ and val/ inside, val/ is used for measuring. "
+                          "Or tensor data: FILE.npz (one array per model input, samples "
+                          "first) or a folder of .npz/.npy files, one sample each."),
         _option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Class list, one folder name per line; line number = label "
                           "(e.g. ImageNet wnids.txt). Default: numeric or sorted folder names."),

@@ -75,9 +75,9 @@ def _click_type(f: dataclasses.Field) -> Any:
     if meta["choices"]:
         return click.Choice(meta["choices"])
     if meta["path"] is not None:
-        exists = meta["path"] in ("dir", "file")
+        exists = meta["path"] in ("dir", "file", "data")
         return click.Path(exists=exists, file_okay=meta["path"] != "dir",
-                          dir_okay=meta["path"] == "dir", path_type=Path)
+                          dir_okay=meta["path"] in ("dir", "data"), path_type=Path)
     base = str(f.type).replace("| None", "").strip()
     return {"int": int, "float": float, "str": str}[base]
 

@@ -6,6 +6,7 @@ A leaf: imports neither torch nor any pipeline stage (only the preprocessing opt
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,9 @@ class ShrinkConfig:
     preprocess: Preprocess = field(default_factory=Preprocess)
     classes: Path | None = None
     eval_data: Path | None = option(
-        None, _DATA, "Separate labelled folder for measuring; default: DATA/val if it exists, "
-        "else a seeded held-out share of DATA (never trained on).", path="dir")
+        None, _DATA, "Separate labelled folder (or tensor data, as --data) for measuring; "
+        "default: DATA/val if it exists, else a seeded held-out share of DATA (never trained "
+        "on).", path="data")
     include: str | None = option(
         None, _DATA, "Fine-tune only on images whose path relative to DATA matches GLOB "
         "(e.g. '*/0[0-4]*.jpg').", metavar="GLOB")
@@ -194,8 +196,11 @@ class ShrinkConfig:
     def __post_init__(self) -> None:
         for name in ("data", "output", "eval_data", "classes"):   # accept str paths from the API
             value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
+            if isinstance(value, str | os.PathLike) and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
+            elif name in ("data", "eval_data") and value is not None and \
+                    not isinstance(value, Path):      # the API's {input name: array} records
+                object.__setattr__(self, name, tuple(value))
         checks = [
             (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),

@@ -199,7 +199,8 @@ def test_labels_csv_naming_a_missing_file(ws: Path, tmp_path: Path) -> None:
 
 
 def test_data_path_is_a_file(ws: Path, tmp_path: Path) -> None:
-    run_fails(ws, tmp_path, 2, r"Invalid value for '--data': Directory .*model\.onnx' is a file",
+    run_fails(ws, tmp_path, 2, r"--data .*model\.onnx is a file; give an image folder, or tensor "
+                               r"data \(an \.npz or \.npy file",
               ws / "model.onnx", "--data", ws / "model.onnx")
 
 

@@ -305,7 +305,7 @@ def test_verification_reports_and_gates_the_deployed_graph(
     assert result.fused is not None and result.fused.rel_l2 <= result.fused.tolerance
     assert result.to_dict()["fused"]["agreement"] == result.fused.agreement
     # the fused check compares with the torch free run: a wrong reference is a large error
-    wrong = verify_module._check_fused(model, [t.x[:16]], [-t.net(t.x[:16]).detach().numpy()])
+    wrong = verify_module._check_fused(model, [t.x[:16]], [[-t.net(t.x[:16]).detach().numpy()]])
     assert wrong.rel_l2 > wrong.tolerance
     monkeypatch.setattr(verify_module, "_check_fused", lambda *a: wrong)
     with pytest.raises(VerificationError, match=r"ONNX Runtime's optimized graph \(what deploys\) "

@@ -83,11 +83,11 @@ def test_online_teacher_matches_onnx_runtime_and_its_cache_is_exact(folder: Path
     decoded, _ = decode_images(load_image_set(folder), PRE)
     x = torch.from_numpy(decoded.batch(np.arange(8)))
     teacher = OnlineTeacher(convert(model, "m"), cache=len(decoded))
-    first = teacher(x, np.arange(8))
+    (first,) = teacher(x, np.arange(8))
     ort_logits = predict_logits(make_session(model), decoded, batch_size=8)[:8]
     np.testing.assert_allclose(first.numpy(), ort_logits, atol=1e-4)
     assert bool(teacher.state["filled"][:8].all()) and not bool(teacher.state["filled"][8:].any())
-    again = teacher(x[2:6], np.arange(2, 6))     # from the cache, bit for bit
+    (again,) = teacher(x[2:6], np.arange(2, 6))  # from the cache, bit for bit
     assert torch.equal(again, first[2:6])
 
 

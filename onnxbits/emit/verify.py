@@ -5,11 +5,11 @@ tensor's quantization step: ``d = max |ORT - torch| / step``. ONNX Runtime runs 
 optimizations off so that fusions cannot change the numerics; ties in rounding may flip one step,
 so ``d <= 1`` passes. On the ``ort`` and ``pack`` targets the torch activation quantizers run
 at the 8 bits ONNX Runtime executes (``exec_bits``), elsewhere at their learned bits. The
-model's first output is gated too: in that forced run it may differ from torch's by
+model's outputs are gated too: in that forced run each may differ from torch's by
 :data:`LOGIT_TOLERANCE` of its largest magnitude (float summation order only).
 
 Then the graph users deploy: ONNX Runtime with all its optimizations (QLinearConv, QGemm,
-QLinearAdd... with their own integer requantization) runs the batches, and its first output is
+QLinearAdd... with their own integer requantization) runs the batches, and each output is
 compared with the torch model's free run: the relative L2 error ``|ORT - torch| / |torch|`` must
 stay within :data:`FUSED_TOLERANCE` (the report's ``verification.fused``, with the largest
 difference and the argmax agreement).
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from onnxbits.emit.qparams import EXEC_BITS_ORT, INT8_TARGETS
 from onnxbits.errors import VerificationError
+from onnxbits.importer.batch import Batch, feeds
 from onnxbits.quant.network import QuantizedNetwork
 
 #: Largest first-output difference of the unoptimized graph (torch fed ORT's quantized tensors),
@@ -46,10 +47,11 @@ class FusedCheck:
     max_abs: float
     agreement: float
     tolerance: float = FUSED_TOLERANCE
+    output: str | None = None       # the output with the largest error (all are compared)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, object]:
         return {"rel_l2": self.rel_l2, "max_abs": self.max_abs, "agreement": self.agreement,
-                "tolerance": self.tolerance}
+                "tolerance": self.tolerance, "output": self.output}
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _dq_output(model: onnx.ModelProto, tensor: str) -> str | None:
 
 
 @torch.no_grad()
-def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor], target: str,
+def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Batch], target: str,
            tolerance_steps: float = 1.0) -> Verification:
     """Compare ``emitted`` in ORT with ``net`` (frozen) on ``batches``.
 
@@ -117,8 +119,9 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(_with_outputs(emitted, names), options,
                                    providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    input_names = [i.name for i in session.get_inputs()]
     out_names = [o.name for o in session.get_outputs()]
+    n_out = len(emitted.graph.output)
     captured: dict[str, Tensor] = {}
     forced: dict[str, Tensor] = {}
     hooks = []
@@ -134,14 +137,14 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
         q.exec_bits = exec_bits
         hooks.append(q.register_forward_hook(
             lambda m, i, o, tensor=tensor: hook(m, i, o, tensor)))
-    worst, worst_tensor, logit_diff, scale = 0.0, None, 0.0, 0.0
+    worst, worst_tensor, logit_diff, scale, ratio = 0.0, None, 0.0, 0.0, -1.0
     drift, elements = 0, 0
-    free: list[np.ndarray] = []
+    free: list[list[np.ndarray]] = []
     try:
         for x in batches:
-            results = dict(zip(out_names, session.run(None, {input_name: x.numpy()})))
+            results = dict(zip(out_names, session.run(None, feeds(x, input_names))))
             forced.clear()
-            free.append(net(x).numpy())  # free run: measure drift
+            free.append([o.numpy() for o in net.forward_all(x)])  # free run: measure drift
             for tensor, q in acts:
                 name = outputs[tensor]
                 if name is not None and tensor in captured:
@@ -151,10 +154,12 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
             forced.update({t: torch.from_numpy(results[outputs[t]]) for t, _ in acts
                            if outputs[t] is not None})
             captured.clear()
-            logits = net(x).numpy()  # forced run: local differences only
-            ort_logits = results[out_names[0]].reshape(logits.shape)
-            logit_diff = max(logit_diff, float(np.abs(ort_logits - logits).max()))
-            scale = max(scale, float(np.abs(logits).max()))
+            for name, out in zip(out_names[:n_out], net.forward_all(x), strict=True):
+                got = out.numpy()  # forced run: local differences only
+                diff = float(np.abs(results[name].reshape(got.shape) - got).max(initial=0.0))
+                size = float(np.abs(got).max(initial=0.0))
+                if diff / (size + 1e-6) > ratio:       # the worst output, relative to its size
+                    ratio, logit_diff, scale = diff / (size + 1e-6), diff, size
             for tensor, q in acts:
                 name = outputs[tensor]
                 if name is None or tensor not in captured:
@@ -181,26 +186,35 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Tensor
     if fused.rel_l2 > fused.tolerance:
         raise VerificationError(
             f"ONNX Runtime's optimized graph (what deploys) differs from the torch model by a "
-            f"relative L2 error of {fused.rel_l2:.3f} on the output (allowed "
+            f"relative L2 error of {fused.rel_l2:.3f} on output '{fused.output}' (allowed "
             f"{fused.tolerance}); this is a bug in onnxbits or ONNX Runtime "
             f"{ort.__version__}, please report it with the model")
     return Verification(worst, worst_tensor, logit_diff, len(names),
                         drift / elements if elements else 0.0, scale, fused)
 
 
-def _check_fused(emitted: onnx.ModelProto, batches: list[Tensor],
-                 free: list[np.ndarray]) -> FusedCheck:
-    """Run ``emitted`` with all ORT optimizations; compare its first output with ``free``."""
+def _check_fused(emitted: onnx.ModelProto, batches: list[Batch],
+                 free: list[list[np.ndarray]]) -> FusedCheck:
+    """Run ``emitted`` with all ORT optimizations; compare every output with ``free`` (the
+    worst output's relative L2 error; the first output's argmax agreement)."""
     session = ort.InferenceSession(emitted.SerializeToString(), ort.SessionOptions(),
                                    providers=["CPUExecutionProvider"])
-    input_name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
-    got = np.concatenate([session.run([output], {input_name: x.numpy()})[0].reshape(len(x), -1)
-                          for x in batches])
-    want = np.concatenate(free).reshape(len(got), -1)
-    diff = got - want
-    rel = float(np.linalg.norm(diff) / max(float(np.linalg.norm(want)), 1e-12))
-    agree = float(100.0 * np.mean(got.argmax(1) == want.argmax(1))) if want.shape[1] > 1 else 100.0
-    return FusedCheck(rel, float(np.abs(diff).max()), agree)
+    input_names = [i.name for i in session.get_inputs()]
+    runs = [session.run(None, feeds(x, input_names)) for x in batches]
+    worst: FusedCheck | None = None
+    for k in range(len(runs[0])):
+        got = np.concatenate([r[k].reshape(len(r[k]), -1) for r in runs])
+        want = np.concatenate([f[k].reshape(len(f[k]), -1) for f in free]).reshape(got.shape)
+        diff = got - want
+        rel = float(np.linalg.norm(diff) / max(float(np.linalg.norm(want)), 1e-12))
+        if k == 0:
+            agree = (float(100.0 * np.mean(got.argmax(1) == want.argmax(1)))
+                     if want.shape[1] > 1 else 100.0)
+        if worst is None or rel > worst.rel_l2:
+            worst = FusedCheck(rel, float(np.abs(diff).max(initial=0.0)), agree,
+                               output=session.get_outputs()[k].name)
+    assert worst is not None
+    return worst
 
 
 def _step(q: torch.nn.Module) -> float:

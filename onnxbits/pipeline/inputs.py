@@ -22,7 +22,15 @@ from onnxbits.config import ShrinkConfig
 from onnxbits.data.decode import ImageTensors
 from onnxbits.data.files import holdout_split, load_image_set, select_files, split_data_dir
 from onnxbits.data.stream import Images, StreamedImages, open_images
+from onnxbits.data.tensors import (
+    InputSpec,
+    TensorSet,
+    input_specs,
+    is_tensor_data,
+    load_tensor_set,
+)
 from onnxbits.errors import ConfigError, DataError
+from onnxbits.importer.batch import as_tensors, call, map_batch
 from onnxbits.quant.network import first_output
 from onnxbits.train.device import ResidentImages
 
@@ -83,14 +91,13 @@ def check_batch_free(graph: torch.nn.Module, model: onnx.ModelProto, name: str,
                      batch: int) -> None:
     """The float graph must run a batch of 2 where the model declared another fixed batch
     ``batch``; else the graph hard-codes it (e.g. a Reshape to [1, -1])."""
-    inits = {t.name for t in model.graph.initializer}
-    first = next(i for i in model.graph.input if i.name not in inits)
-    dims = [d.dim_value for d in first.type.tensor_type.shape.dim[1:]]
-    if not dims or not all(d > 0 for d in dims):
-        return                      # spatial size unknown until the images are read
+    specs = input_specs(model)
+    if not all(s.dims and all(d is not None for d in s.dims[1:]) for s in specs):
+        return                      # a size unknown until the data is read
     try:
         with torch.no_grad():
-            out = graph(torch.zeros(2, *dims))
+            out = call(graph, tuple(torch.zeros(2, *s.dims[1:], dtype=_torch_dtype(s.dtype))
+                                    for s in specs))
         ok = first_output(out).shape[0] == 2
     except RuntimeError:
         ok = False
@@ -98,6 +105,10 @@ def check_batch_free(graph: torch.nn.Module, model: onnx.ModelProto, name: str,
         raise ConfigError(f"{name}: the graph only runs at its declared batch of {batch} (it "
                           f"fixes the batch inside, e.g. in a Reshape); use --batch-size {batch} "
                           "or re-export the model with a dynamic batch")
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(1, dtype)).dtype
 
 
 def emit_event(on_event: Event | None, kind: str, **info: Any) -> None:
@@ -133,10 +144,23 @@ class StageClock:
             self._current = None
 
 
-def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
-                ) -> tuple[Images, Images, dict[str, Any]]:
-    """The fine-tune split and the held-out evaluation split (never trained on), each decoded
-    once when it fits :data:`onnxbits.data.stream.MEMORY_BUDGET`, else streamed."""
+def load_splits(cfg: ShrinkConfig, on_event: Event | None = None,
+                specs: list[InputSpec] | None = None
+                ) -> tuple[Images | TensorSet, Images | TensorSet, dict[str, Any]]:
+    """The fine-tune split and the held-out evaluation split (never trained on).
+
+    Images are decoded once when they fit :data:`onnxbits.data.stream.MEMORY_BUDGET`, else
+    streamed. Tensor data (an ``.npz``/``.npy`` file, a folder of them, or the API's records:
+    :mod:`onnxbits.data.tensors`) needs the model's inputs ``specs``.
+    """
+    if is_tensors(cfg.data):
+        if specs is None:
+            raise ValueError("tensor data needs the model's input specs")
+        return _tensor_splits(cfg, specs)
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if path is not None and path.is_file():
+            raise ConfigError(f"{flag} {path} is a file; give an image folder, or tensor data "
+                              "(an .npz or .npy file, or a folder of them)")
     train_dir, val_dir = split_data_dir(cfg.data)
     if cfg.eval_data is not None:
         val_dir = Path(cfg.eval_data)
@@ -170,7 +194,50 @@ def load_splits(cfg: ShrinkConfig, on_event: Event | None = None
     return train, evaluation, split
 
 
-def batch_fetcher(train: Images, device: torch.device) -> tuple[Fetch, bool]:
+def is_tensors(data: Any) -> bool:
+    """True for tensor data: an ``.npz``/``.npy`` file or folder, or the API's records."""
+    return not isinstance(data, Path) or is_tensor_data(data)
+
+
+def _describe(data: Any) -> str:
+    return str(data) if isinstance(data, Path) else f"{len(data)} in-memory record(s)"
+
+
+def _tensor_splits(cfg: ShrinkConfig, specs: list[InputSpec]
+                   ) -> tuple[TensorSet, TensorSet, dict[str, Any]]:
+    for flag, value in (("--include", cfg.include), ("--eval-include", cfg.eval_include)):
+        if value is not None:
+            raise ConfigError(f"{flag} selects image files; it does not apply to tensor data "
+                              f"{_describe(cfg.data)}")
+    train = load_tensor_set(cfg.data, specs)
+    if cfg.eval_data is not None:
+        if not is_tensors(cfg.eval_data):
+            raise ConfigError(f"--eval-data {cfg.eval_data} holds images but --data "
+                              f"{_describe(cfg.data)} is tensor data; give the same kind")
+        evaluation = load_tensor_set(cfg.eval_data, specs)
+        split = {"train": _describe(cfg.data), "eval": _describe(cfg.eval_data)}
+    else:
+        if len(train) < 2:
+            raise DataError(f"{_describe(cfg.data)}: {len(train)} sample; give at least 2 (or "
+                            "--eval-data) to fine-tune on some and measure on others")
+        train_idx, eval_idx = holdout_split(len(train), cfg.eval_fraction, cfg.seed,
+                                            max_eval=MAX_HELDOUT)
+        train, evaluation = train.subset(train_idx), train.subset(eval_idx)
+        split = {"train": _describe(cfg.data),
+                 "eval": f"held-out {len(eval_idx)} samples ({cfg.eval_fraction:.0%}, at most "
+                         f"{MAX_HELDOUT}) of {_describe(cfg.data)} (seed {cfg.seed})"}
+    if cfg.max_train_images is not None and len(train) > cfg.max_train_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))
+                       [:cfg.max_train_images])
+        train = train.subset(keep)
+    split.update(n_train=len(train), n_eval=len(evaluation), bad_images=0,
+                 streamed={"train": train.files is not None,
+                           "eval": evaluation.files is not None},
+                 kind="tensors")
+    return train, evaluation, split
+
+
+def batch_fetcher(train: Images | TensorSet, device: torch.device) -> tuple[Fetch, bool]:
     """``fetch(indices) -> (inputs, labels or None)`` for the fine-tune, and whether the images
     are held on ``device`` (:class:`onnxbits.train.device.ResidentImages`: on CUDA when the uint8
     images take at most a quarter of the free GPU memory)."""
@@ -184,15 +251,15 @@ def batch_fetcher(train: Images, device: torch.device) -> tuple[Fetch, bool]:
         if resident is not None:
             return resident.batch(idx), (labels[idx] if labels is not None else None)
         pixels, ok = train.read(idx)     # a streamed set leaves unreadable images out
-        x = torch.from_numpy(pixels)
+        x = as_tensors(pixels)
         if device.type == "cuda":
-            x = x.pin_memory()
+            x = map_batch(lambda t: t.pin_memory(), x)
         return x, (labels[idx[ok]] if labels is not None else None)
 
     return fetch, resident is not None
 
 
-def check_labels(tensors: Images, outputs: int) -> None:
+def check_labels(tensors: Images | TensorSet, outputs: int) -> None:
     """Labels must index the model's outputs."""
     if tensors.has_labels and len(tensors.labels) and int(tensors.labels.max()) >= outputs:
         raise DataError(f"label {int(tensors.labels.max())} is out of range for the model's "

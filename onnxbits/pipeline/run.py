@@ -28,6 +28,7 @@ from torch import fx
 from onnxbits.config import ShrinkConfig
 from onnxbits.data.decode import ImageTensors
 from onnxbits.data.stream import Images, StreamedImages
+from onnxbits.data.tensors import TensorSet, input_specs
 from onnxbits.emit.prepare import limit_clip_alphas, prepare_ort
 from onnxbits.emit.targets import emit
 from onnxbits.emit.verify import verify
@@ -40,6 +41,7 @@ from onnxbits.graph.io import (
     write_bytes_atomic,
 )
 from onnxbits.graph.normalize import normalize
+from onnxbits.importer.batch import as_tensors, rows
 from onnxbits.importer.convert import (
     FloatLayer,
     Site,
@@ -69,7 +71,7 @@ from onnxbits.pipeline.summary import (
 from onnxbits.pipeline.summary import torch_logits as torch_logits
 from onnxbits.quant.cost import bit_cost
 from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
-from onnxbits.report.evaluate import make_session, predict_logits, topk_accuracy
+from onnxbits.report.evaluate import make_session, predict_outputs, topk_accuracy
 from onnxbits.train.budget import LambdaController, budget_target, freeze_to_budget
 from onnxbits.train.checkpoint import (
     CheckpointSpec,
@@ -152,6 +154,7 @@ class _Inputs:
     loss: str
     teacher: OnlineTeacher
     float_eval: np.ndarray
+    float_outputs: list[np.ndarray]
     warnings: list[str]
 
 
@@ -178,7 +181,16 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     if not sites:
         raise InvalidModelError(f"{model_path}: no quantizable layer (Conv, Gemm or MatMul with a "
                                 "constant weight); nothing to shrink")
-    train, evaluation, split = load_splits(cfg, on_event)
+    specs = input_specs(model)
+    train, evaluation, split = load_splits(cfg, on_event, specs)
+    tensors = isinstance(train, TensorSet)
+    if tensors and cfg.augment != "none":
+        raise ConfigError(f"--augment {cfg.augment} mirrors images; tensor data "
+                          f"{split['train']} has none: drop --augment")
+    if len(specs) > 1 and cfg.reconstruct > 0:
+        raise ConfigError(f"{model_path}: block reconstruction (--recipe reconstruct, "
+                          f"--reconstruct) runs single-input models; this one has {len(specs)} "
+                          "inputs: use the default recipe or --reconstruct 0")
     if split["bad_images"]:
         warnings.append(f"skipped {split['bad_images']} unreadable image(s) in {cfg.data}; "
                         "remove or re-encode them")
@@ -186,7 +198,9 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
         train = train.with_mirrors()
         split["n_train_views"] = len(train)
     if len(train) < MIN_TRAIN_IMAGES:
-        warnings.append(f"only {len(train)} fine-tune images in {cfg.data}: too few to tune on "
+        kind = "samples" if tensors else "images"
+        warnings.append(f"only {len(train)} fine-tune {kind} in {split['train']}: too few to "
+                        "tune on "
                         f"reliably (the result may not hold on other images); give at least "
                         f"{MIN_TRAIN_IMAGES}")
     loss = cfg.task_loss(train.has_labels)
@@ -197,14 +211,15 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
                           f"smaller than the {ctx.world} torchrun processes; raise --batch-size")
     stages.start("float eval", total=len(evaluation))   # the float model on the eval split
     session = make_session(original, threads=cfg.threads)
-    float_eval = predict_logits(session, evaluation, batch_size=cfg.batch_size,
-                                progress=lambda k: emit_event(on_event, "decode", n=k))
+    float_outputs = predict_outputs(session, evaluation, batch_size=cfg.batch_size,
+                                    progress=lambda k: emit_event(on_event, "decode", n=k))
+    float_eval = float_outputs[0].reshape(len(float_outputs[0]), -1)
     check_labels(train, float_eval.shape[1])
     warnings.extend(_chance_warning(evaluation, float_eval, cfg))
-    teacher = OnlineTeacher(float_graph, cache=len(train) if isinstance(train, ImageTensors)
-                            else None)
+    held = isinstance(train, ImageTensors) or (tensors and train.arrays is not None)
+    teacher = OnlineTeacher(float_graph, cache=len(train) if held else None)
     return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
-                   teacher, float_eval, warnings)
+                   teacher, float_eval, float_outputs, warnings)
 
 
 def _chance_warning(evaluation: Images, float_eval: np.ndarray, cfg: ShrinkConfig) -> list[str]:
@@ -245,8 +260,9 @@ def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
     calib = []
     for s in range(0, n, cfg.batch_size):
         x, _ = train.read(sample[s:s + cfg.batch_size])
-        if len(x):
-            calib.append(torch.from_numpy(x))
+        x = as_tensors(x)
+        if rows(x):
+            calib.append(x)
     if not calib:
         raise DataError(f"{cfg.data}: no readable image among the calibration sample")
     if cfg.target in ("ort", "pack"):
@@ -311,7 +327,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
     history = fine_tune(net, fetch, teacher, len(train), tcfg, on_step=on_step,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
                         float_graph=block_graph, on_block=on_block,
-                        read_ahead=isinstance(train, StreamedImages))
+                        read_ahead=isinstance(train, StreamedImages)
+                        or (isinstance(train, TensorSet) and train.files is not None))
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     if blocks and blocks[0]["inputs"] < blocks[0]["wanted"]:
@@ -340,7 +357,8 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
         emitted = emit(model, net, cfg.target, source=source)
         verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target)
         stages.start("evaluate")
-        report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_eval, ctx.device)
+        report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_outputs,
+                              ctx.device)
         report["config"].update(task_loss=inputs.loss, steps=tcfg.steps)  # as run
         report.update(
             model=str(model_path), output=str(output), data=inputs.split,
@@ -377,7 +395,7 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
             net.graph.cpu()
 
     teachers = [inputs.teacher(x) for x in calib]
-    return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_eval, calib,
+    return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_outputs, calib,
                        teachers, retune)
 
 

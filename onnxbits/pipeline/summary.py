@@ -1,9 +1,11 @@
 """Measuring a shrink run and assembling its JSON report (used by :mod:`onnxbits.pipeline.run`).
 
-Accuracies are measured on the evaluation split: the float model and the emitted model in ONNX
-Runtime, and the torch model at the frozen bits (``torch_sim_k_bit``). ``agreement`` is the share
-of images on which a model's top-1 equals the float model's; the accuracy guard's drop is
-``top1_float - top1`` with labels, else ``100 - agreement``.
+Measured on the evaluation split: every output's fidelity to the float model
+(:mod:`onnxbits.report.fidelity`), and for a classifier (a first output with a class axis) the
+accuracies of the float model and the emitted model in ONNX Runtime and of the torch model at the
+frozen bits (``torch_sim_k_bit``). ``agreement`` is the share of samples on which a model's top-1
+equals the float model's; the accuracy guard's drop is ``top1_float - top1`` with labels, else
+:func:`onnxbits.report.fidelity.fidelity_drop`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import torch
 
 from onnxbits.config import ShrinkConfig
 from onnxbits.data.stream import Images
+from onnxbits.data.tensors import TensorSet
 from onnxbits.emit.targets import emit
+from onnxbits.graph.outputs import GraphOutput
+from onnxbits.importer.batch import Batch, as_tensors, map_batch
 from onnxbits.quant.network import QuantizedNetwork
-from onnxbits.report.evaluate import agreement, make_session, predict_logits, topk_accuracy
+from onnxbits.report.evaluate import agreement, make_session, predict_outputs, topk_accuracy
+from onnxbits.report.fidelity import Fidelity, fidelity, fidelity_drop
 from onnxbits.train.device import device_name, fast_layout
 from onnxbits.train.distributed import DistContext
 
 
-def accuracy(logits: np.ndarray, tensors: Images, reference: np.ndarray) -> dict[str, float]:
+def accuracy(logits: np.ndarray, tensors: Images | TensorSet,
+             reference: np.ndarray) -> dict[str, float]:
     """Agreement with ``reference`` and, with labels, top-1/top-5 in percent."""
     out: dict[str, float] = {"agreement": agreement(logits, reference)}
     if tensors.has_labels:
@@ -36,37 +43,54 @@ def accuracy(logits: np.ndarray, tensors: Images, reference: np.ndarray) -> dict
 
 
 @torch.no_grad()
-def torch_logits(net: QuantizedNetwork, tensors: Images, batch_size: int) -> np.ndarray:
-    """Logits of the torch (simulated k-bit) model on every image, computed on the device the
-    network is on."""
+def torch_logits(net: QuantizedNetwork, tensors: Images | TensorSet,
+                 batch_size: int) -> np.ndarray:
+    """Logits (first output, ``(N, -1)``) of the torch (simulated k-bit) model on every sample,
+    computed on the device the network is on."""
     device = net.device
     parts = []
     for start in range(0, len(tensors), batch_size):
         idx = np.arange(start, min(start + batch_size, len(tensors)))
-        x = fast_layout(torch.from_numpy(tensors.read(idx)[0]).to(device))
+        x = map_batch(lambda t: fast_layout(t.to(device)), as_tensors(tensors.read(idx)[0]))
         parts.append(net(x).float().cpu().numpy())
     return np.concatenate(parts)
 
 
-def accuracy_drop(logits: np.ndarray, tensors: Images, float_logits: np.ndarray) -> float:
-    """Top-1 points lost vs the float model (labels), else 100 - agreement with it."""
+def output_fidelity(net: QuantizedNetwork, reference: list[np.ndarray],
+                    got: list[np.ndarray]) -> list[Fidelity]:
+    """:func:`onnxbits.report.fidelity.fidelity` of every output."""
+    described = net.outputs or [GraphOutput(f"output {k}") for k in range(len(got))]
+    return [fidelity(r, g, d) for r, g, d in zip(reference, got, described, strict=True)]
+
+
+def is_classifier(metrics: list[Fidelity]) -> bool:
+    """A first output with a class axis over samples: top-1 and agreement read it."""
+    return metrics[0].kind in ("logits", "probs", "logprobs")
+
+
+def accuracy_drop(net: QuantizedNetwork, outputs: list[np.ndarray], tensors: Images | TensorSet,
+                  float_outputs: list[np.ndarray]) -> float:
+    """Top-1 points lost vs the float model (labels), else the label-free drop of
+    :func:`onnxbits.report.fidelity.fidelity_drop`."""
     if tensors.has_labels:
         labels = tensors.kept_labels()
-        return topk_accuracy(float_logits, labels).top1 - topk_accuracy(logits, labels).top1
-    return 100.0 - agreement(logits, float_logits)
+        first, ref = (o.reshape(len(o), -1) for o in (outputs[0], float_outputs[0]))
+        return topk_accuracy(ref, labels).top1 - topk_accuracy(first, labels).top1
+    return fidelity_drop(output_fidelity(net, float_outputs, outputs))
 
 
 def apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork,
-                evaluation: Images, float_eval: np.ndarray, calib: list[torch.Tensor],
-                teachers: list[torch.Tensor], retune: Callable[[], object]) -> dict[str, Any]:
+                evaluation: Images | TensorSet, float_outputs: list[np.ndarray],
+                calib: list[Batch], teachers: list[tuple[torch.Tensor, ...]],
+                retune: Callable[[], object]) -> dict[str, Any]:
     """Run :func:`onnxbits.train.guard.enforce_max_drop` with the drop measured on the emitted model
     in ONNX Runtime on the evaluation split (``net`` on the CPU)."""
     from onnxbits.train.guard import enforce_max_drop
 
     def measure() -> float:
         session = make_session(emit(model, net, cfg.target), threads=cfg.threads)
-        return accuracy_drop(predict_logits(session, evaluation, batch_size=cfg.batch_size),
-                             evaluation, float_eval)
+        outputs = predict_outputs(session, evaluation, batch_size=cfg.batch_size)
+        return accuracy_drop(net, outputs, evaluation, float_outputs)
 
     drop, raised = enforce_max_drop(net, measure, cfg.max_drop, calib, teachers, retune)
     return {"max_drop": cfg.max_drop, "final_drop": drop, "held": drop <= cfg.max_drop,
@@ -98,23 +122,29 @@ def runtime_info(ctx: DistContext, amp: str, cpu: dict[str, object], steps: int,
 
 
 def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetwork,
-                 evaluation: Images, float_eval: np.ndarray,
+                 evaluation: Images | TensorSet, float_outputs: list[np.ndarray],
                  device: torch.device) -> dict[str, Any]:
-    """The per-layer report of ``emitted`` plus target, options and the three accuracies:
-    ``float`` (``float_eval``), ``quantized`` (``emitted`` in ONNX Runtime) and
+    """The per-layer report of ``emitted`` plus target, options, the ``fidelity`` of every
+    output of ``emitted`` in ONNX Runtime against ``float_outputs``, and for a classifier the
+    three accuracies: ``float``, ``quantized`` (``emitted`` in ONNX Runtime) and
     ``torch_sim_k_bit`` (``net`` run on ``device``, then returned to the CPU)."""
     from onnxbits.report.model import analyze_model
 
-    quant_eval = predict_logits(make_session(emitted, threads=cfg.threads), evaluation,
-                                batch_size=cfg.batch_size)
-    net.graph.to(device)
-    try:
-        sim_eval = torch_logits(net, evaluation, cfg.batch_size)
-    finally:
-        net.graph.cpu()
+    quant_outputs = predict_outputs(make_session(emitted, threads=cfg.threads), evaluation,
+                                    batch_size=cfg.batch_size)
+    metrics = output_fidelity(net, float_outputs, quant_outputs)
     report = analyze_model(emitted).to_dict()
     report.update(target=cfg.target, config=config_dict(cfg),
-                  accuracy={"float": accuracy(float_eval, evaluation, float_eval),
-                            "quantized": accuracy(quant_eval, evaluation, float_eval),
-                            "torch_sim_k_bit": accuracy(sim_eval, evaluation, float_eval)})
+                  fidelity=[m.to_dict() for m in metrics], accuracy={})
+    if is_classifier(metrics):
+        net.graph.to(device)
+        try:
+            sim_eval = torch_logits(net, evaluation, cfg.batch_size)
+        finally:
+            net.graph.cpu()
+        float_eval, quant_eval = (o.reshape(len(o), -1) for o in (float_outputs[0],
+                                                                  quant_outputs[0]))
+        report["accuracy"] = {"float": accuracy(float_eval, evaluation, float_eval),
+                              "quantized": accuracy(quant_eval, evaluation, float_eval),
+                              "torch_sim_k_bit": accuracy(sim_eval, evaluation, float_eval)}
     return report

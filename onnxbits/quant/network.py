@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from onnxbits.graph.outputs import GraphOutput, graph_outputs
+from onnxbits.importer.batch import Batch, call
 from onnxbits.importer.convert import CONV_TYPES, Site, is_unsigned_tensor
 from onnxbits.quant.cost import LayerBits
 from onnxbits.quant.quantizer import BitQuantizer
@@ -36,6 +38,11 @@ from onnxbits.quant.quantizer import BitQuantizer
 def first_output(out: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor:
     """The first output of a graph's forward pass (the only one when it returns a tensor)."""
     return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def all_outputs(out: Tensor | tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
+    """Every output of a graph's forward pass, as a tuple in graph-output order."""
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
 class QuantWeightLayer(nn.Module):
@@ -77,13 +84,18 @@ class QuantizedNetwork:
     layers: dict[str, QuantWeightLayer]          # site node -> wrapped layer
     acts: dict[str, BitQuantizer]                # ONNX tensor -> activation quantizer
     layer_act: dict[str, str | None] = field(default_factory=dict)  # site node -> tensor
+    outputs: list[GraphOutput] = field(default_factory=list)  # what each graph output is
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """The first graph output, flattened to ``(N, -1)``: the logits the fine-tune, the
-        evaluation and the guard read (as ONNX Runtime's first output in
-        :func:`onnxbits.report.evaluate.predict_logits`; ``(N, 1000, 1, 1)`` -> ``(N, 1000)``)."""
-        out = first_output(self.graph(x))
+    def __call__(self, x: Batch) -> Tensor:
+        """The first graph output, flattened to ``(N, -1)``: the logits the evaluation reads
+        (as ONNX Runtime's first output in :func:`onnxbits.report.evaluate.predict_logits`;
+        ``(N, 1000, 1, 1)`` -> ``(N, 1000)``). ``x``: one tensor, or a tuple for several inputs."""
+        out = first_output(call(self.graph, x))
         return out.flatten(1) if out.dim() > 2 else out
+
+    def forward_all(self, x: Batch) -> tuple[Tensor, ...]:
+        """Every graph output, unflattened (what the fine-tune distils)."""
+        return all_outputs(call(self.graph, x))
 
     @property
     def device(self) -> torch.device:
@@ -236,7 +248,7 @@ def attach_quantizers(model: onnx.ModelProto, float_graph: fx.GraphModule, sites
         layer_act[site.node] = site.input
     gm.graph.lint()
     gm.recompile()
-    return QuantizedNetwork(gm, sites, layers, acts, layer_act)
+    return QuantizedNetwork(gm, sites, layers, acts, layer_act, graph_outputs(model))
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Tensor:
@@ -248,7 +260,7 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate(net: QuantizedNetwork, batches: list[Tensor]) -> None:
+def calibrate(net: QuantizedNetwork, batches: list[Batch]) -> None:
     """Initialise activation clip values from float statistics and count MACs per sample.
 
     For each activation tensor, ``alpha`` = mean over batches of the batch maximum of ``x``

@@ -1,4 +1,4 @@
-"""Top-1/top-5 accuracy of an ONNX model in ONNX Runtime (CPU) on decoded images."""
+"""Running an ONNX model in ONNX Runtime (CPU) on images or tensor data; top-1/top-5 accuracy."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, R
 
 from onnxbits.data.decode import iterate_batches
 from onnxbits.data.stream import Images, read_ahead
+from onnxbits.data.tensors import TensorSet
 from onnxbits.errors import DataError, InvalidModelError
 
 logger = logging.getLogger(__name__)
@@ -110,68 +111,92 @@ def _layout(inp: ort.NodeArg, chw: tuple[int, int, int]) -> str:
                     f"give {_shape_str(['N', c, h, w])}; {hint}")
 
 
-def predict_logits(session: ort.InferenceSession, tensors: Images, batch_size: int = 64,
+def predict_logits(session: ort.InferenceSession, tensors: Images | TensorSet,
+                   batch_size: int = 64,
                    progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Run every image through ``session``; return float32 logits ``(N, outputs)``.
+    """Run every sample through ``session``; return its first output as float32 ``(N, -1)``
+    (a classifier's logits; ``(N, 1000, 1, 1)`` -> ``(N, 1000)``). See :func:`predict_outputs`."""
+    (first,) = predict_outputs(session, tensors, batch_size, progress,
+                               outputs=[session.get_outputs()[0].name])
+    return first.reshape(len(first), -1)
 
-    A model whose batch dimension is fixed runs in batches of that size (the last one padded).
-    Images feed an NCHW input, an NHWC input (transposed) or a ``[N, C*H*W]`` input (flattened),
-    whichever the declared input shape allows.
+
+def predict_outputs(session: ort.InferenceSession, tensors: Images | TensorSet,
+                    batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                    outputs: list[str] | None = None) -> list[np.ndarray]:
+    """Run every sample through ``session``; return each output (all, or ``outputs``) over the
+    samples, float32 with its shape (integer and bool outputs keep their type).
+
+    Tensor data (:class:`onnxbits.data.tensors.TensorSet`) feeds the inputs by name. Images feed
+    the single float input as NCHW, NHWC (transposed) or ``[N, C*H*W]`` (flattened), whichever
+    its declared shape allows. A model whose batch dimension is fixed runs in batches of that
+    size (the last one padded).
 
     Args:
-        session: From :func:`make_session`; its first input and first output are used.
-        tensors: The decoded images.
-        batch_size: Images per run when the batch dimension is dynamic.
-        progress: Called with the number of images just finished.
+        session: From :func:`make_session`.
+        tensors: The decoded images or the tensor data.
+        batch_size: Samples per run when the batch dimension is dynamic.
+        progress: Called with the number of samples just finished.
+        outputs: The output names to return; None: every output.
 
     Raises:
-        DataError: The images do not fit the model's declared input shape.
-        InvalidModelError: The model needs several inputs or a non-float input.
+        DataError: The data does not fit the model's declared inputs.
+        InvalidModelError: Images for a model that needs several inputs or a non-float input.
     """
     inputs = session.get_inputs()
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs)
-        raise InvalidModelError(f"the model has {len(inputs)} inputs ({names}); "
-                                "onnxbits needs exactly one image input")
-    inp = inputs[0]
-    dtype = _INPUT_TYPES.get(inp.type)
-    if dtype is None:
-        raise InvalidModelError(f"model input '{inp.name}' has type {inp.type}; "
-                                "onnxbits needs a float image input")
-    layout = _layout(inp, tensors.shape)
-    batch_dim = inp.shape[0] if inp.shape else None
+    names = [i.name for i in inputs]
+    layout = None
+    if not isinstance(tensors, TensorSet):
+        if len(inputs) != 1:
+            raise InvalidModelError(f"the model has {len(inputs)} inputs ({', '.join(names)}); "
+                                    "images feed one input: give tensor data (--data FILE.npz "
+                                    "with one array per input)")
+        if _INPUT_TYPES.get(inputs[0].type) is None:
+            raise InvalidModelError(f"model input '{inputs[0].name}' has type {inputs[0].type}; "
+                                    "images feed a float input: give tensor data "
+                                    "(--data FILE.npz)")
+        layout = _layout(inputs[0], tensors.shape)
+    dtypes = [_INPUT_TYPES.get(i.type) for i in inputs]
+    batch_dim = inputs[0].shape[0] if inputs[0].shape else None
     fixed = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
     step = fixed or max(1, batch_size)
-    output = session.get_outputs()[0].name
-    chunks: list[np.ndarray] = []
+    wanted = outputs or [o.name for o in session.get_outputs()]
+    chunks: list[list[np.ndarray]] = [[] for _ in wanted]
     batches = iterate_batches(len(tensors), step, shuffle=False, seed=0)
     for indices, x, _ in read_ahead(tensors, batches):
-        rows = len(x)
+        parts = list(x) if isinstance(x, tuple) else [x]
+        rows = len(parts[0])
         if rows == 0:
             continue
         if layout == "nhwc":
-            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+            parts = [np.ascontiguousarray(parts[0].transpose(0, 2, 3, 1))]
         elif layout == "flat":
-            x = x.reshape(len(x), -1)
-        if fixed is not None and len(x) < fixed:
-            x = np.concatenate([x, np.zeros((fixed - len(x), *x.shape[1:]), x.dtype)])
+            parts = [parts[0].reshape(rows, -1)]
+        if fixed is not None and rows < fixed:
+            parts = [np.concatenate([p, np.zeros((fixed - rows, *p.shape[1:]), p.dtype)])
+                     for p in parts]
+        feed = {n: (p.astype(d, copy=False) if d is not None else p)
+                for n, p, d in zip(names, parts, dtypes, strict=True)}
+        shape = _shape_str(parts[0].shape)
         try:
-            (y,) = session.run([output], {inp.name: x.astype(dtype, copy=False)})
+            ys = session.run(wanted, feed)
         except InvalidArgument as exc:   # the inputs do not fit: a preprocessing matter
-            raise DataError(f"ONNX Runtime refused model input '{inp.name}' with a batch of "
-                            f"shape {_shape_str(x.shape)}: {_first_line(exc)}; "
-                            f"{_FIX_HINT}") from exc
+            raise DataError(f"ONNX Runtime refused model input '{names[0]}' with a batch of "
+                            f"shape {shape}: {_first_line(exc)}; "
+                            f"{_FIX_HINT if layout else 'check the arrays'}") from exc
         except (Fail, RuntimeException) as exc:    # the model itself failed while running
             raise InvalidModelError(f"ONNX Runtime failed running the model on a batch of "
-                                    f"shape {_shape_str(x.shape)}: {_first_line(exc)}; where "
-                                    "a node's shape is the cause, the images may need another "
+                                    f"shape {shape}: {_first_line(exc)}; where "
+                                    "a node's shape is the cause, the inputs may need another "
                                     "size (--preset, --resize/--crop)") from exc
-        chunks.append(np.asarray(y, dtype=np.float32).reshape(len(y), -1)[:rows])
+        for chunk, y in zip(chunks, ys, strict=True):
+            y = np.asarray(y)
+            chunk.append((y.astype(np.float32, copy=False) if y.dtype.kind == "f" else y)[:rows])
         if progress is not None:
             progress(len(indices))
-    if not chunks:
-        raise DataError("no images to run the model on")
-    return np.concatenate(chunks)
+    if not chunks[0]:
+        raise DataError("no samples to run the model on")
+    return [np.concatenate(c) for c in chunks]
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> EvalResult:

@@ -2,7 +2,7 @@
 
 Sensitivity is measured, not guessed: for every quantizer group ``g`` (a layer's weights or an
 activation tensor), its bits are set to ``max_bits`` alone and the distillation loss
-``KL(teacher || student)`` on fixed fine-tune images is recomputed; the gain
+(``KL(teacher || student)`` for a classifier) on fixed fine-tune images is recomputed; the gain
 ``KL_base - KL_g`` ranks the groups. In round ``r = 0, 1, 2, ...`` the ``2**r`` most sensitive
 groups are raised by ``step`` bits (capped at ``max_bits``), the network is fine-tuned briefly at
 the new frozen bits, and the drop is measured again; this repeats until ``drop <= max_drop``,
@@ -16,28 +16,33 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from onnxbits.importer.batch import Batch
 from onnxbits.quant.network import QuantizedNetwork
 from onnxbits.quant.quantizer import BitQuantizer
+from onnxbits.train.losses import task_loss
 
 
 @torch.no_grad()
-def kl_to_teacher(net: QuantizedNetwork, batches: list[Tensor], teachers: list[Tensor]) -> float:
-    """Mean over batches of ``KL(softmax(t) || softmax(s))`` (batch mean), ``s`` the network's
-    logits and ``t`` the teacher's."""
+def kl_to_teacher(net: QuantizedNetwork, batches: list[Batch],
+                  teachers: list[Tensor | tuple[Tensor, ...]]) -> float:
+    """Mean over batches of the distillation loss (:func:`onnxbits.train.losses.task_loss`:
+    ``KL(softmax(t) || softmax(s))`` for a classifier) of the network against the teacher's
+    outputs (a tensor of logits, or a tuple of every output)."""
     total = 0.0
     for x, t in zip(batches, teachers, strict=True):
-        s = net(x)
-        total += float(F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1),
-                                reduction="batchmean", log_target=True))
+        if isinstance(t, Tensor):
+            total += float(task_loss(net(x).float(), t.float(), None, "kd"))
+        else:
+            out = [o.float() for o in net.forward_all(x)]
+            total += float(task_loss(out, list(t), None, "kd", net.outputs or None))
     return total / max(len(batches), 1)
 
 
 @torch.no_grad()
-def sensitivities(net: QuantizedNetwork, batches: list[Tensor],
-                  teachers: list[Tensor]) -> list[tuple[float, str, BitQuantizer]]:
+def sensitivities(net: QuantizedNetwork, batches: list[Batch],
+                  teachers: list[Tensor | tuple[Tensor, ...]]) -> list[tuple[float, str, BitQuantizer]]:
     """``(gain, name, quantizer)`` for every group below max bits, largest gain first."""
     base = kl_to_teacher(net, batches, teachers)
     ranked = []
@@ -53,7 +58,7 @@ def sensitivities(net: QuantizedNetwork, batches: list[Tensor],
 
 @torch.no_grad()
 def enforce_max_drop(net: QuantizedNetwork, measure_drop: Callable[[], float], max_drop: float,
-                     batches: list[Tensor], teachers: list[Tensor],
+                     batches: list[Batch], teachers: list[Tensor | tuple[Tensor, ...]],
                      retune: Callable[[], object] | None = None, step: int = 2,
                      max_rounds: int = 10) -> tuple[float, list[dict[str, object]]]:
     """Raise the most sensitive groups, re-tune, re-measure, until ``drop <= max_drop``.

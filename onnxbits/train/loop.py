@@ -41,6 +41,7 @@ from torch import Tensor, fx, nn
 
 from onnxbits.data.sampler import BatchSampler, batch_indices
 from onnxbits.errors import ConfigError
+from onnxbits.importer.batch import map_batch
 from onnxbits.quant.cost import average_bits, bit_cost
 from onnxbits.quant.network import QuantizedNetwork, layer_bits
 from onnxbits.train.checkpoint import (
@@ -63,8 +64,8 @@ from onnxbits.train.history import StepRecord
 from onnxbits.train.losses import task_loss
 from onnxbits.train.reconstruct import BlockResult, ReconstructConfig, gather_images, reconstruct
 
-#: ``teacher(inputs, indices) -> float logits`` of a batch.
-Teacher = Callable[[Tensor, np.ndarray], Tensor]
+#: ``teacher(inputs, indices) -> float outputs`` of a batch (one per graph output).
+Teacher = Callable[[Tensor, np.ndarray], tuple[Tensor, ...]]
 
 # Share of the device's free memory that block reconstruction's stored tensors may take
 # (fewer images beyond it); the rest is for the block's own training step and the run.
@@ -310,17 +311,18 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         x, labels = run.fetch(part, upcoming)
     else:
         x, labels = fetch(part)
-    x = x.to(run.device, non_blocking=True)
+    x = map_batch(lambda t: fast_layout(t.to(run.device, non_blocking=True)), x)
     labels = labels.to(run.device) if labels is not None else None
-    x = fast_layout(x)
     teacher = None
     if isinstance(teacher_logits, Tensor):
         teacher = teacher_logits[torch.as_tensor(part, device=teacher_logits.device)]
     elif teacher_logits is not None and "kd" in cfg.loss:
         teacher = teacher_logits(x, part)
+    whole = not isinstance(teacher, Tensor)     # a tensor of logits: the first output only
     with autocast(run.device, cfg.amp):
-        out = net(x)
-    task = task_loss(out.float(), teacher, labels, cfg.loss)
+        out = net.forward_all(x) if whole else (net(x),)
+    task = task_loss([o.float() for o in out], teacher, labels, cfg.loss,
+                     (net.outputs or None) if whole else None)
     layers = layer_bits(net)
     if frozen:
         cost = bit_cost(cfg.objective, layers).detach()

@@ -305,4 +305,9 @@ def gather_images(fetch: Callable[[np.ndarray], tuple[Tensor, object]], n: int,
         idx = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.max_images, replace=False))
     chunks: Iterable[Tensor] = (fetch(idx[s:s + cfg.batch_size])[0]
                                 for s in range(0, len(idx), cfg.batch_size))
-    return torch.cat([fast_layout(c.to(device)) for c in chunks])
+    gathered = []
+    for c in chunks:
+        if isinstance(c, tuple):
+            raise ValueError("block reconstruction needs a single-input model")
+        gathered.append(fast_layout(c.to(device)))
+    return torch.cat(gathered)
