@@ -7,7 +7,8 @@ Usage::
 
 Only the region between ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` is generated; the
 text around it is kept. Every number in that region is read from a JSON file of
-``benchmarks/results`` (written by ``benchmarks/accuracy.py`` and ``benchmarks/scale.py``).
+``benchmarks/results`` (written by ``benchmarks/accuracy.py``, ``benchmarks/peers.py`` and
+``benchmarks/scale.py``); every ``peers_<model>.json`` gets a table (``*.quick.json`` do not).
 """
 
 from __future__ import annotations
@@ -131,6 +132,38 @@ def scale(d: dict[str, Any]) -> list[str]:
         ["run", "images (fine-tune / measure)", "s", "peak RSS MB", "top-1", "stages (s)"], rows)
 
 
+def _seconds(s: float) -> str:
+    return f"{round(s)} s" if s < 600 else f"{round(s / 60)} min"
+
+
+def peers_table(d: dict[str, Any]) -> list[str]:
+    """The table of one ``benchmarks/peers.py`` run (also what the script prints)."""
+    m, split, versions = d["machine"], d["split"], d["versions"]
+    rows = d["rows"]
+    base = next(r["top1"] for r in rows if r["key"] == "float")
+    head = ["variant", "tuned on", "top-1", "vs float", "agrees with float", "weight bytes",
+            "needed by the levels", "tensors within the claimed bits (max levels)", "file",
+            "time"]
+    body = []
+    for r in rows:
+        if r["status"] != "ok":
+            body.append([r["variant"], r["tuned_on"], r["status"], *[""] * (len(head) - 3)])
+            continue
+        quant = r["quantized_tensors"]
+        check = (f"{r['tensors_within_claim']}/{quant} ({r['max_levels']})" if quant
+                 else "float")
+        body.append([r["variant"], r["tuned_on"], num(r["top1"]),
+                     "" if r["key"] == "float" else num(r["top1"] - base, sign=True),
+                     "" if r["key"] == "float" else f"{num(r['agreement'], 1)} %",
+                     kb(r["weight_bytes"]), kb(r["weight_bytes_by_levels"]), check,
+                     kb(r["file_bytes"]), "" if r["key"] == "float" else _seconds(r["seconds"])])
+    tools = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    note = (f"{m['cores_used']} of {m['cpus']} CPU cores, {m['threads']} thread(s); {tools}. "
+            f"PTQ calibration: {split['calibration']}; onnxbits: {split['onnxbits_tuning']}; "
+            f"measured in ONNX Runtime on {split['eval']}.")
+    return [note, ""] + table(head, body)
+
+
 def section(title: str, command: str, body: list[str]) -> list[str]:
     return [f"### {title}", "", f"`{command}`", "", *body, ""]
 
@@ -145,6 +178,12 @@ def generate() -> str:
     out += ["## resnet20_cifar10 ablations at `--target-bits 3.5`", ""]
     for stem, title, cmd in ABLATIONS:
         out += section(f"{title} (`benchmarks/results/{stem}.json`)", cmd, ablation(load(stem)))
+    peers = [p for p in sorted(RESULTS.glob("peers_*.json")) if not p.name.endswith(".quick.json")]
+    out += ["## Side by side with other tools", ""] if peers else []
+    for path in peers:
+        d = load(path.stem)
+        out += section(f"{d['model']} (`benchmarks/results/{path.name}`)", d["command"],
+                       peers_table(d))
     out += ["## Dataset scale", ""]
     out += section("`benchmarks/results/scale.json`", "python benchmarks/scale.py", scale(load("scale")))
     return "\n".join(out).rstrip("\n")
