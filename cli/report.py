@@ -9,6 +9,7 @@ import click
 from onnxbits.cli.errors import handle_errors
 
 from onnxbits.graph.io import write_bytes_atomic
+from onnxbits.report.measured import measured_lines, run_report_of
 from onnxbits.report.model import ModelReport, analyze_model
 from onnxbits.report.plot import plot, to_html
 
@@ -40,20 +41,25 @@ def report_command(model: Path, as_json: bool, markdown: bool, plot_path: Path |
     models. Bits come from the onnxbits metadata when present, else from the
     QuantizeLinear/DequantizeLinear nodes. Each quantized tensor shows three precisions: learned
     (W bits, A bits), stored in the file (W stored, A stored) and executed by ONNX Runtime
-    (A exec; weights execute at their learned bits).
+    (A exec; weights execute at their learned bits). Next to the shrink run's MODEL.json, the
+    accuracy, per-output fidelity and verification it measured are shown too.
     """
     if as_json and markdown:
         raise click.UsageError("--json cannot be used with --markdown")
     result = analyze_model(model)
+    run = run_report_of(model) if model.is_file() else None
+    measured = measured_lines(run) if run is not None else []
     png = plot(result, plot_path) if plot_path or html_path else None
     if html_path:
-        write_bytes_atomic(to_html(result, png).encode("utf-8"), html_path)
+        write_bytes_atomic(to_html(result, png, measured).encode("utf-8"), html_path)
     if as_json:
         click.echo(result.to_json())
     elif markdown:
         click.echo(result.to_markdown(), nl=False)
     else:
         print_report(result)
+        for line in measured:
+            click.echo(line)
     for path, what in ((plot_path, "plot"), (html_path, "HTML report")):
         if path:
             click.echo(f"wrote {what}: {path}", err=True)

@@ -183,25 +183,13 @@ def shrink_command(model: Path, data: Path, classes: Path | None, as_json: bool,
         return
     from onnxbits.cli.report import print_report
 
+    from onnxbits.report.measured import measured_lines
     from onnxbits.report.model import analyze_model
 
     out = Console(width=None if sys.stdout.isatty() else 160)
     print_report(analyze_model(result.output), out)
-    acc = result.report["accuracy"]
-    rows = (("float", "float model, ORT"), ("quantized", "shrunk model, ORT"),
-            ("torch_sim_k_bit", "k-bit sim, torch"))
-    for key, label in rows:
-        a = acc[key]
-        top = f"top-1 {a['top1']:.2f}  top-5 {a['top5']:.2f}  " if "top1" in a else ""
-        out.print(f"{label:>17}: {top}agreement with float {a['agreement']:.2f}%")
-    v = result.report["verification"]
-    out.print(f"verified in ONNX Runtime: max {v['max_steps']:.2f} quantization steps "
-              f"over {v['tensors']} tensors")
-    if v.get("fused"):
-        f = v["fused"]
-        out.print(f"deployed graph (ORT, all optimizations) vs torch: relative error "
-                  f"{f['rel_l2']:.4f} (allowed {f['tolerance']}), argmax agreement "
-                  f"{f['agreement']:.1f}%")
+    for line in measured_lines(result.report):
+        out.print(line)
     guard = result.report.get("guard") or {}
     if guard and not guard.get("held"):
         click.echo(f"Warning: --max-drop {guard['max_drop']} did not hold: the drop is "

@@ -203,3 +203,40 @@ def save(model: onnx.ModelProto, path: str) -> str:
     """Write ``model`` to ``path`` and return the path as a string."""
     onnx.save(model, str(path))
     return str(path)
+
+
+def two_input_two_output(seed: int = 0, features: int = 8, vocab: int = 6, hidden: int = 16,
+                         classes: int = 5, targets: int = 3) -> onnx.ModelProto:
+    """Inputs ``x [N, features]`` (float) and ``ids [N]`` (int64, an embedding lookup); outputs
+    ``logits [N, classes]`` (Gemm) and ``reg [N, targets]`` (a regression head, MatMul)."""
+    b = _Builder(seed)
+    table = b.init("embedding", b.rng.normal(0, 1, (vocab, features)).astype(np.float32))
+    e = b.node("Gather", [table, "ids"], name="embed", axis=0)
+    x = b.node("Add", ["x", e], name="add")
+    x = b.gemm(x, features, hidden, name="fc1")
+    h = b.node("Relu", [x], name="relu")
+    w = b.weight("head.weight", (hidden, targets), fan_in=hidden)
+    b.nodes.append(helper.make_node("MatMul", [h, w], ["reg"], name="head"))
+    b.gemm(h, hidden, classes, name="fc2")
+    b.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        b.nodes, "two_in_two_out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+         helper.make_tensor_value_info("reg", TensorProto.FLOAT, ["N", targets])],
+        b.inits)
+    model = make_model(graph, OPSET)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def softmax_segmenter(seed: int = 0, classes: int = 4) -> onnx.ModelProto:
+    """Conv(3->8) -> Relu -> Conv(8->classes, 1x1) -> Softmax over channels: a per-pixel class
+    probability map ``[N, classes, H, W]`` on an input of any height and width."""
+    b = _Builder(seed)
+    x = b.conv("input", 3, 8, name="conv1")
+    x = b.node("Relu", [x], name="relu1")
+    x = b.conv(x, 8, classes, k=1, name="conv2")
+    b.node("Softmax", [x], name="softmax", axis=1)
+    return b.model(["N", 3, "H", "W"], "logits", ["N", classes, "H", "W"])

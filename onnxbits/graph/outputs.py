@@ -1,5 +1,5 @@
-"""What each graph output is: probabilities (a Softmax), log-probabilities (a LogSoftmax), or
-other values, whose loss and fidelity metrics the shape decides (:func:`output_kind`).
+"""What each graph output is: probabilities (a Softmax), log-probabilities (a LogSoftmax),
+a classifier's logits (the first output, shaped ``(N, K)``) or other values (:func:`output_kind`).
 
 A Softmax or LogSoftmax is recognised through Identity, Reshape, Flatten, Squeeze and Unsqueeze
 nodes between it and the output. Its class axis is the node's ``axis``; before opset 13 the
@@ -28,6 +28,7 @@ class GraphOutput:
     axis: int = -1
     flatten: bool = False
     keeps_shape: bool = True
+    index: int = 0              # position among the graph outputs
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -39,31 +40,32 @@ def graph_outputs(model: onnx.ModelProto) -> list[GraphOutput]:
     producers = {o: n for n in model.graph.node for o in n.output}
     opset = _opset(model)
     out = []
-    for value in model.graph.output:
+    for index, value in enumerate(model.graph.output):
         name, keeps = value.name, True
         node = producers.get(name)
         while node is not None and node.op_type in _PASS_THROUGH and node.input:
             keeps = keeps and node.op_type == "Identity"
             node = producers.get(node.input[0])
         if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
-            out.append(GraphOutput(value.name))
+            out.append(GraphOutput(value.name, index=index))
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"),
                     -1 if opset >= 13 else 1)
         out.append(GraphOutput(value.name, "probs" if node.op_type == "Softmax" else "logprobs",
-                               axis, flatten=opset < 13, keeps_shape=keeps))
+                               axis, flatten=opset < 13, keeps_shape=keeps, index=index))
     return out
 
 
 def output_kind(output: GraphOutput, shape: tuple[int, ...]) -> str:
     """``probs``, ``logprobs``, ``logits`` or ``values`` for an output of ``shape`` (batch first).
 
-    ``logits``: a ``values`` output of shape ``(N, K)`` (or ``(N, K, 1, ...)``) with ``K > 1``
-    (a classifier's scores). A (log-)softmax whose shape was changed after it counts as
-    ``values`` unless it is ``(N, K)``.
+    ``logits``: the first graph output when it is not a (log-)softmax and has the shape
+    ``(N, K)`` (or ``(N, K, 1, ...)``) with ``K > 1`` (a classifier's scores; a later output of
+    that shape, e.g. a box regression, is ``values``). A (log-)softmax whose shape was changed
+    after it counts as ``values`` unless it is ``(N, K)``.
     """
     squeezed = [d for d in shape[1:] if d != 1] if len(shape) > 2 else list(shape[1:])
     classifier = len(squeezed) == 1 and squeezed[0] > 1 and (len(shape) == 2 or shape[1] > 1)
     if output.producer != "values" and (output.keeps_shape or classifier):
         return output.producer
-    return "logits" if classifier else "values"
+    return "logits" if classifier and output.index == 0 else "values"

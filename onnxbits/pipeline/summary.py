@@ -59,13 +59,14 @@ def torch_logits(net: QuantizedNetwork, tensors: Images | TensorSet,
 def output_fidelity(net: QuantizedNetwork, reference: list[np.ndarray],
                     got: list[np.ndarray]) -> list[Fidelity]:
     """:func:`onnxbits.report.fidelity.fidelity` of every output."""
-    described = net.outputs or [GraphOutput(f"output {k}") for k in range(len(got))]
+    described = net.outputs or [GraphOutput(f"output {k}", index=k) for k in range(len(got))]
     return [fidelity(r, g, d) for r, g, d in zip(reference, got, described, strict=True)]
 
 
-def is_classifier(metrics: list[Fidelity]) -> bool:
-    """A first output with a class axis over samples: top-1 and agreement read it."""
-    return metrics[0].kind in ("logits", "probs", "logprobs")
+def is_classifier(metrics: list[Fidelity], shape: tuple[int, ...]) -> bool:
+    """A first output (of ``shape``) that holds one class score vector per sample: top-1 and
+    agreement read it."""
+    return metrics[0].kind != "values" and len([d for d in shape[1:] if d != 1]) == 1
 
 
 def accuracy_drop(net: QuantizedNetwork, outputs: list[np.ndarray], tensors: Images | TensorSet,
@@ -102,6 +103,8 @@ def config_dict(cfg: ShrinkConfig) -> dict[str, Any]:
     out = {}
     for key, value in cfg.__dict__.items():
         out[key] = str(value) if isinstance(value, Path) else value
+        if key in ("data", "eval_data") and isinstance(value, tuple):   # the API's records
+            out[key] = f"{len(value)} in-memory record(s)"
     out["min_act_bits"] = cfg.act_floor
     out["preprocess"] = (cfg.preprocess.__dict__ if hasattr(cfg.preprocess, "__dict__")
                          else str(cfg.preprocess))
@@ -136,7 +139,7 @@ def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetw
     report = analyze_model(emitted).to_dict()
     report.update(target=cfg.target, config=config_dict(cfg),
                   fidelity=[m.to_dict() for m in metrics], accuracy={})
-    if is_classifier(metrics):
+    if is_classifier(metrics, float_outputs[0].shape):
         net.graph.to(device)
         try:
             sim_eval = torch_logits(net, evaluation, cfg.batch_size)

@@ -16,6 +16,8 @@ from onnxbits.data.decode import iterate_batches
 from onnxbits.data.stream import Images, read_ahead
 from onnxbits.data.tensors import TensorSet
 from onnxbits.errors import DataError, InvalidModelError
+from onnxbits.graph.outputs import graph_outputs
+from onnxbits.report.fidelity import Fidelity, fidelity
 
 logger = logging.getLogger(__name__)
 
@@ -262,3 +264,27 @@ def agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
     if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
         raise DataError(f"cannot compare logits of shapes {a.shape} and {b.shape}")
     return float(100.0 * np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
+def evaluate_fidelity(model: ModelLike, reference: str | Path, tensors: Images | TensorSet,
+                      batch_size: int = 64, threads: int | None = None,
+                      progress: Callable[[int], None] | None = None) -> list[Fidelity]:
+    """Every output's fidelity (:mod:`onnxbits.report.fidelity`) of ``model`` against the
+    ``reference`` model (the float one) on ``tensors``, both in ONNX Runtime.
+
+    Raises:
+        InvalidModelError: A model cannot be loaded, or their outputs differ in name.
+        DataError: The data does not fit the models.
+    """
+    from onnxbits.graph.io import load_model
+
+    described = graph_outputs(load_model(reference))
+    session, ref = make_session(model, threads=threads), make_session(reference, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    if names != [o.name for o in described]:
+        raise InvalidModelError(f"{_model_name(model)} has outputs {names} but the reference "
+                                f"{reference} has {[o.name for o in described]}; give the float "
+                                "model this one was made from as --reference")
+    got = predict_outputs(session, tensors, batch_size, progress)
+    want = predict_outputs(ref, tensors, batch_size)
+    return [fidelity(w, g, d) for w, g, d in zip(want, got, described, strict=True)]

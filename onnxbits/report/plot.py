@@ -107,8 +107,11 @@ def save_png(fig: Any, path: str | Path | None = None) -> bytes:
     return data
 
 
-def to_html(report: ModelReport, png: str | Path | bytes | None = None) -> str:
-    """Return one self-contained HTML page: totals, the plot (base64 PNG) and the layer table.
+def to_html(report: ModelReport, png: str | Path | bytes | None = None,
+            measured: list[str] | None = None) -> str:
+    """Return one self-contained HTML page: totals, what the run measured (``measured``: lines
+    of :func:`onnxbits.report.measured.measured_lines`), the plot (base64 PNG) and the layer
+    table.
 
     The PNG is read from ``png`` (a path or bytes) or rendered in memory when ``png`` is None.
     """
@@ -120,6 +123,9 @@ def to_html(report: ModelReport, png: str | Path | bytes | None = None) -> str:
     body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                      for row in report.rows())
     totals = "".join(f"<li>{html.escape(s)}</li>" for s in report.summary_lines())
+    if measured:
+        totals += "</ul>\n<h2>measured</h2>\n<ul>" + "".join(
+            f"<li>{html.escape(s.strip())}</li>" for s in measured)
     title = html.escape(f"onnxbits report: {report.source}")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:2px 6px}td{text-align:right}"

@@ -3,7 +3,8 @@ cross-entropy on labels, or both.
 
 Each graph output gets the loss of its kind (:func:`onnxbits.graph.outputs.output_kind`):
 
-- ``logits`` (a classifier's ``(N, K)`` scores): ``KL(softmax(t) || softmax(s))``;
+- ``logits`` (a classifier's ``(N, K)`` scores, the first output): ``KL(softmax(t) ||
+  softmax(s))``;
 - ``probs`` (a Softmax output) and ``logprobs`` (a LogSoftmax output): the same KL on the
   probabilities the model gives, over its class axis;
 - ``values`` (anything else: boxes, maps, embeddings, regression): the normalised squared error
@@ -69,7 +70,8 @@ def task_loss(student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Ten
         if teacher is None:
             raise ValueError(f"loss {kind!r} needs teacher logits")
         teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
-        described = list(outputs) if outputs else [LOGITS] * len(students)
+        described = list(outputs) if outputs else [GraphOutput(f"output {k}", index=k)
+                                                   for k in range(len(students))]
         for s, t, out in zip(students, teachers, described, strict=True):
             loss = loss + output_loss(s, t, out)
     if "ce" in kind:
