@@ -44,6 +44,18 @@ class Site:
     group: int = 1
 
 
+def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its intermediate shapes: onnx2torch infers them again, and ONNX's shape
+    inference is not idempotent on some exporters' graphs (paddle2onnx: a scalar Constant
+    inferred as rank 0 conflicts with rank 1 on the second pass)."""
+    if not model.graph.value_info:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    return out
+
+
 def convert(model: onnx.ModelProto, source: str = "model") -> fx.GraphModule:
     """Convert a normalised ONNX model with onnx2torch, naming the op and node that fail.
 
@@ -72,7 +84,7 @@ def convert(model: onnx.ModelProto, source: str = "model") -> fx.GraphModule:
             f"{source}: no torch converter for op {op} (opset {version}, domain '{domain}') at "
             f"node(s) {', '.join(nodes[:3])}{others}; {advice}")
     try:
-        graph = onnx2torch.convert(model, attach_onnx_mapping=True)
+        graph = onnx2torch.convert(_without_value_info(model), attach_onnx_mapping=True)
     except Exception as exc:  # noqa: BLE001 - converters raise many types; name the node
         node = _failing_node(exc)
         if node is None:
