@@ -175,7 +175,8 @@ def measure(kind: str, path: Path, float_path: Path, x: np.ndarray,
     fid = [fidelity(r, g, d).to_dict() for r, g, d in zip(reference, got, described)]
     report = analyze_model(path)
     return {"fidelity": fid, **task_metric(kind, reference[0], got[0]),
-            "weight_bytes": int(report.stored_weight_bytes), "file_bytes": path.stat().st_size,
+            "weight_bytes": int(report.stored_weight_bytes) or None,   # None: not recognised
+            "file_bytes": path.stat().st_size,
             "avg_bits": round(float(report.avg_weight_bits), 2),
             "latency_ms": latency_ms(path, x)}
 
@@ -226,7 +227,8 @@ def table(rows: dict[str, dict]) -> str:
             agree = fid.get("agreement")
             lines.append(
                 f"| {kind}: {row['model']} | {'; '.join(row['outputs'])} | {tool} | "
-                f"{r.get('avg_bits', 32)} | {r['weight_bytes'] / 1e6:.2f} | "
+                f"{r.get('avg_bits') or ('32' if tool == 'float' else '-')} | "
+                f"{f'{r_mb:.2f}' if (r_mb := (r['weight_bytes'] or 0) / 1e6) else '-'} | "
                 f"{r['file_bytes'] / 1e6:.2f} | {fid.get('sqnr_db', float('nan')):.1f} | "
                 f"{'' if agree is None else f'{agree:.1f}'} | {metric} | {r['latency_ms']} |")
     return "\n".join(lines)
