@@ -16,7 +16,11 @@ sizes, colours and offsets), preprocessed as RapidOCR does, written as ``.npz``;
 and the evaluation set are rendered from different seeds (never trained on). Each model is shrunk
 with ``onnxbits shrink MODEL --data train.npz --eval-data eval.npz``, and measured in ONNX
 Runtime on the evaluation set against the float model and ONNX Runtime's ``quantize_static``
-(QDQ, per-channel int8 weights, uint8 activations, min-max on 64 fine-tune samples): every
+(QDQ, per-channel int8 weights, uint8 activations, min-max on 64 fine-tune samples; on the cls
+model its ``quant_pre_process`` fails in symbolic shape inference, and with
+``skip_symbolic_shape=True`` the quantized model is invalid (DequantizeLinear ``axis`` at opset
+11), so the models are quantized as exported: ORT then keeps the float weights in the file behind
+a QuantizeLinear/DequantizeLinear pair, and its weight bytes show as ``-``): every
 output's fidelity (SQNR, relative L2, argmax agreement), the share of text lines whose CTC-decoded
 symbol sequence equals the float model's (``rec``), the IoU of the binarised text map at
 RapidOCR's threshold 0.3 (``det``), weight bytes, file bytes and the latency of one sample
