@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxbits import ShrinkConfig, shrink  # noqa: E402
 from onnxbits.graph.outputs import graph_outputs  # noqa: E402
-from onnxbits.report.fidelity import fidelity  # noqa: E402
+from onnxbits.report.fidelity import fidelities  # noqa: E402
 from onnxbits.report.model import analyze_model  # noqa: E402
 
 FONTS = sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf"))
@@ -128,6 +128,7 @@ def latency_ms(path: Path, x: np.ndarray, repeats: int = 30) -> float:
 
 
 def ort_int8(model: Path, calib: np.ndarray, out: Path) -> float:
+    name = onnx.load(model).graph.input[0].name
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -137,7 +138,7 @@ def ort_int8(model: Path, calib: np.ndarray, out: Path) -> float:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter([{"x": calib[i:i + 1]} for i in range(len(calib))])
+            self.items = iter([{name: calib[i:i + 1]} for i in range(len(calib))])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
@@ -176,7 +177,7 @@ def measure(kind: str, path: Path, float_path: Path, x: np.ndarray,
             reference: list[np.ndarray]) -> dict[str, object]:
     got = run_all(ort.InferenceSession(str(path)), x)
     described = graph_outputs(onnx.load(float_path))
-    fid = [fidelity(r, g, d).to_dict() for r, g, d in zip(reference, got, described)]
+    fid = [f.to_dict() for f in fidelities(reference, got, described)]
     report = analyze_model(path)
     return {"fidelity": fid, **task_metric(kind, reference[0], got[0]),
             "weight_bytes": int(report.stored_weight_bytes) or None,   # None: not recognised

@@ -19,6 +19,7 @@ unquantized. Tensor data has no labels: a run distils and measures fidelity agai
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxbits.data.files import _has_image_extension
 from onnxbits.errors import DataError
 
 TENSOR_SUFFIXES = (".npz", ".npy")
@@ -86,15 +88,18 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def is_tensor_data(path: Path) -> bool:
-    """True for an ``.npz``/``.npy`` file, or a folder whose first data file is one."""
+    """True for an ``.npz``/``.npy`` file, or a folder whose first data file met (image or
+    tensor) is one; the listing stops there, so a folder of a million images costs one entry."""
     if path.is_file():
         return path.suffix.lower() in TENSOR_SUFFIXES
     if not path.is_dir():
         return False
-    for entry in sorted(p.name for p in path.iterdir()):
-        suffix = Path(entry).suffix.lower()
-        if suffix in TENSOR_SUFFIXES:
-            return True
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() in TENSOR_SUFFIXES:
+                return True
+            if _has_image_extension(entry.name):
+                return False
     return False
 
 
@@ -122,10 +127,9 @@ class TensorSet:
         return len(self.labels)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """One sample's shape of the first input."""
-        x, _ = self.read([0])
-        return tuple((x if isinstance(x, np.ndarray) else x[0]).shape[1:])
+    def on_demand(self) -> bool:
+        """True when samples are read from their files as needed (a folder), not held."""
+        return self.files is not None
 
     def read(self, indices: Sequence[int] | np.ndarray
              ) -> tuple[np.ndarray | tuple[np.ndarray, ...], np.ndarray]:

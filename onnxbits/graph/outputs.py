@@ -8,14 +8,16 @@ operator normalises over the flattened dimensions from ``axis`` on (``flatten`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 
 #: Nodes that keep the values of a (log-)softmax (and, for Identity, its shape).
 _PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
-__all__ = ["GraphOutput", "graph_outputs", "output_kind"]
+__all__ = ["GraphOutput", "class_rows", "graph_outputs", "output_kind"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,15 @@ def output_kind(output: GraphOutput, shape: tuple[int, ...]) -> str:
     if output.producer != "values" and (output.keeps_shape or classifier):
         return output.producer
     return "logits" if classifier and output.index == 0 else "values"
+
+
+def class_rows(x: Any, output: GraphOutput, kind: str) -> Any:
+    """``x`` (a numpy array or a torch tensor, batch first) as ``(positions, classes)`` rows over
+    its class axis: what the fine-tune's KL and the fidelity's argmax agreement read
+    (``logits``: ``(N, K)``)."""
+    if kind == "logits" or not output.keeps_shape:
+        return x.reshape(len(x), -1)
+    axis = output.axis % x.ndim
+    if output.flatten:              # before opset 13: the dims from ``axis`` on are the classes
+        return x.reshape(math.prod(x.shape[:axis]), -1)
+    return x.swapaxes(axis, -1).reshape(-1, x.shape[axis])

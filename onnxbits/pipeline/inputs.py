@@ -178,10 +178,7 @@ def load_splits(cfg: ShrinkConfig, on_event: Event | None = None,
         split = {"train": str(train_dir),
                  "eval": f"held-out {len(eval_idx)} images ({cfg.eval_fraction:.0%}, at most "
                          f"{MAX_HELDOUT}) of {train_dir} (seed {cfg.seed})"}
-    if cfg.max_train_images is not None and len(train_set) > cfg.max_train_images:
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))
-                       [:cfg.max_train_images])
-        train_set = train_set.subset(keep)
+    train_set = _capped(train_set, cfg)
     progress = (lambda k: emit_event(on_event, "decode", n=k))
     emit_event(on_event, "stage", name="decode", total=len(train_set) + len(eval_set))
     train, bad_train = open_images(train_set, cfg.preprocess, workers=2, progress=progress)
@@ -192,6 +189,16 @@ def load_splits(cfg: ShrinkConfig, on_event: Event | None = None,
     if len(train) == 0 or len(evaluation) == 0:
         raise DataError(f"{cfg.data}: too few images to fine-tune and evaluate; add images")
     return train, evaluation, split
+
+
+def _capped(data: Any, cfg: ShrinkConfig) -> Any:
+    """``data`` (an ImageSet or a TensorSet), or a seeded sample of ``--max-train-images`` of
+    it (kept in order)."""
+    if cfg.max_train_images is None or len(data) <= cfg.max_train_images:
+        return data
+    keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(data))
+                   [:cfg.max_train_images])
+    return data.subset(keep)
 
 
 def is_tensors(data: Any) -> bool:
@@ -226,13 +233,9 @@ def _tensor_splits(cfg: ShrinkConfig, specs: list[InputSpec]
         split = {"train": _describe(cfg.data),
                  "eval": f"held-out {len(eval_idx)} samples ({cfg.eval_fraction:.0%}, at most "
                          f"{MAX_HELDOUT}) of {_describe(cfg.data)} (seed {cfg.seed})"}
-    if cfg.max_train_images is not None and len(train) > cfg.max_train_images:
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))
-                       [:cfg.max_train_images])
-        train = train.subset(keep)
+    train = _capped(train, cfg)
     split.update(n_train=len(train), n_eval=len(evaluation), bad_images=0,
-                 streamed={"train": train.files is not None,
-                           "eval": evaluation.files is not None},
+                 streamed={"train": train.on_demand, "eval": evaluation.on_demand},
                  kind="tensors")
     return train, evaluation, split
 

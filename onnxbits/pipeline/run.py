@@ -216,7 +216,7 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     float_eval = float_outputs[0].reshape(len(float_outputs[0]), -1)
     check_labels(train, float_eval.shape[1])
     warnings.extend(_chance_warning(evaluation, float_eval, cfg))
-    held = isinstance(train, ImageTensors) or (tensors and train.arrays is not None)
+    held = isinstance(train, ImageTensors) or (tensors and not train.on_demand)
     teacher = OnlineTeacher(float_graph, cache=len(train) if held else None)
     return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
                    teacher, float_eval, float_outputs, warnings)
@@ -328,7 +328,7 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
                         lam_schedule=controller, freeze=freeze, checkpoint=ckpt, dist=ctx,
                         float_graph=block_graph, on_block=on_block,
                         read_ahead=isinstance(train, StreamedImages)
-                        or (isinstance(train, TensorSet) and train.files is not None))
+                        or (isinstance(train, TensorSet) and train.on_demand))
     float_graph.cpu()
     tuned = time.perf_counter() - tuned
     if blocks and blocks[0]["inputs"] < blocks[0]["wanted"]:

@@ -27,7 +27,7 @@ from onnxbits.graph.outputs import GraphOutput
 from onnxbits.importer.batch import Batch, as_tensors, map_batch
 from onnxbits.quant.network import QuantizedNetwork
 from onnxbits.report.evaluate import agreement, make_session, predict_outputs, topk_accuracy
-from onnxbits.report.fidelity import Fidelity, fidelity, fidelity_drop
+from onnxbits.report.fidelity import Fidelity, fidelities, fidelity_drop
 from onnxbits.train.device import device_name, fast_layout
 from onnxbits.train.distributed import DistContext
 
@@ -58,9 +58,9 @@ def torch_logits(net: QuantizedNetwork, tensors: Images | TensorSet,
 
 def output_fidelity(net: QuantizedNetwork, reference: list[np.ndarray],
                     got: list[np.ndarray]) -> list[Fidelity]:
-    """:func:`onnxbits.report.fidelity.fidelity` of every output."""
+    """:func:`onnxbits.report.fidelity.fidelities` of the network's outputs."""
     described = net.outputs or [GraphOutput(f"output {k}", index=k) for k in range(len(got))]
-    return [fidelity(r, g, d) for r, g, d in zip(reference, got, described, strict=True)]
+    return fidelities(reference, got, described)
 
 
 def is_classifier(metrics: list[Fidelity], shape: tuple[int, ...]) -> bool:

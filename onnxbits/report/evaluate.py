@@ -17,7 +17,7 @@ from onnxbits.data.stream import Images, read_ahead
 from onnxbits.data.tensors import TensorSet
 from onnxbits.errors import DataError, InvalidModelError
 from onnxbits.graph.outputs import graph_outputs
-from onnxbits.report.fidelity import Fidelity, fidelity
+from onnxbits.report.fidelity import Fidelity, fidelities
 
 logger = logging.getLogger(__name__)
 
@@ -287,4 +287,4 @@ def evaluate_fidelity(model: ModelLike, reference: str | Path, tensors: Images |
                                 "model this one was made from as --reference")
     got = predict_outputs(session, tensors, batch_size, progress)
     want = predict_outputs(ref, tensors, batch_size)
-    return [fidelity(w, g, d) for w, g, d in zip(want, got, described, strict=True)]
+    return fidelities(want, got, described)

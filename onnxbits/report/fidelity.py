@@ -14,15 +14,16 @@ For an output ``s`` of the quantized model and ``t`` of the float model over the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from onnxbits.graph.outputs import GraphOutput, output_kind
+from onnxbits.graph.outputs import GraphOutput, class_rows, output_kind
 
 SQNR_CAP_DB = 200.0
 
-__all__ = ["Fidelity", "SQNR_CAP_DB", "class_rows", "fidelity", "fidelity_drop"]
+__all__ = ["Fidelity", "SQNR_CAP_DB", "fidelities", "fidelity", "fidelity_drop"]
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,6 @@ class Fidelity:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def class_rows(x: np.ndarray, output: GraphOutput, kind: str) -> np.ndarray:
-    """``x`` as ``(positions, classes)`` rows over its class axis (as the fine-tune's loss reads
-    it: :func:`onnxbits.train.losses.class_rows`)."""
-    if kind == "logits" or not output.keeps_shape:
-        return x.reshape(len(x), -1)
-    axis = output.axis % x.ndim
-    if output.flatten:
-        return x.reshape(math.prod(x.shape[:axis]), -1)
-    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
 
 
 def fidelity(reference: np.ndarray, got: np.ndarray, output: GraphOutput) -> Fidelity:
@@ -77,6 +67,12 @@ def fidelity(reference: np.ndarray, got: np.ndarray, output: GraphOutput) -> Fid
         if a.shape[1] > 1:
             agree = float(100.0 * np.mean(a.argmax(1) == b.argmax(1)))
     return Fidelity(output.name, kind, sqnr, cosine, rel, agree)
+
+
+def fidelities(reference: Sequence[np.ndarray], got: Sequence[np.ndarray],
+               outputs: Sequence[GraphOutput]) -> list[Fidelity]:
+    """:func:`fidelity` of every output, in order."""
+    return [fidelity(r, g, o) for r, g, o in zip(reference, got, outputs, strict=True)]
 
 
 def fidelity_drop(metrics: list[Fidelity]) -> float:

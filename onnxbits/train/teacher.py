@@ -43,10 +43,6 @@ class OnlineTeacher:
         out = all_outputs(call(self.graph, map_batch(lambda t: t.to(device), x)))
         return tuple(o.float().to(first(x).device) for o in out)
 
-    def logits(self, x: Batch) -> Tensor:
-        """The first output, flattened to ``(N, -1)`` (a classifier's logits)."""
-        return self.outputs(x)[0].flatten(1)
-
     def __call__(self, x: Batch, indices: np.ndarray | None = None) -> tuple[Tensor, ...]:
         if self.cache is None or indices is None or len(indices) != rows(x):
             return self.outputs(x)
