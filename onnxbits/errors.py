@@ -26,5 +26,9 @@ class ConfigError(OnnxbitsError):
     """An option or a combination of options is invalid (the CLI exits 2)."""
 
 
+class OutputError(OnnxbitsError):
+    """An output cannot be written: a read-only folder, a full disk, another run writing it."""
+
+
 class VerificationError(OnnxbitsError):
     """The emitted ONNX model does not match the torch model it was emitted from."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import onnx
 
-from onnxbits.errors import InvalidModelError
+from onnxbits.errors import InvalidModelError, OutputError
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                  "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm"}
@@ -108,13 +108,45 @@ def save_model_atomic(model: onnx.ModelProto | bytes, path: str | Path) -> Path:
 
 def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
+    return write_files_atomic({Path(path): data})[0]
+
+
+def write_files_atomic(files: Mapping[Path, bytes]) -> list[Path]:
+    """Write several files all or nothing as far as the disk allows: every file is first written
+    and fsynced to a temporary ``.NAME.*.tmp`` beside it, and only when all of them are on disk
+    are they renamed into place, in the given order (put the file whose presence means "done"
+    last). A failure while writing (a full disk, a read-only folder) removes the temporaries and
+    leaves every existing file as it was.
+
+    Raises:
+        OutputError: A file cannot be written; the message names it and the system's reason.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            staged.append((_staged_copy(data, Path(path)), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return [path for _, path in staged]
+
+
+def temporary_names(path: Path) -> str:
+    """The glob pattern of the temporaries :func:`write_files_atomic` writes for ``path``."""
+    return f".{path.name}.*.tmp"
+
+
+def _staged_copy(data: bytes, path: Path) -> str:
+    """``data`` written and fsynced to a new temporary file beside ``path``; its name."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise InvalidModelError(f"{path}: cannot write into {folder} ({exc.strerror}); "
-                                "choose a writable output folder") from exc
+        raise OutputError(f"{path}: cannot write into {folder} ({exc.strerror}); "
+                          "choose a writable output folder") from exc
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -123,8 +155,12 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: writing {len(data)} bytes into {folder} failed "
+                          f"({exc.strerror}); free space there or choose another output "
+                          "folder (nothing was replaced)") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return tmp

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxbits.graph.io import write_bytes_atomic
+from onnxbits.graph.io import write_files_atomic
 from onnxbits.report.history import plot_history
 from onnxbits.report.model import ModelReport
 from onnxbits.report.plot import plot
@@ -33,7 +33,14 @@ def run_output_paths(output_model: str | Path) -> dict[str, Path]:
 
 def write_run_outputs(output_model: str | Path, report: ModelReport | dict[str, Any],
                       records: Sequence[StepRecord]) -> list[Path]:
-    """Write the report plot and the history (JSON, CSV, plot) next to ``output_model``.
+    """Write the report plot and the history (JSON, CSV, plot) next to ``output_model``
+    (:func:`run_output_files`, written with :func:`onnxbits.graph.io.write_files_atomic`)."""
+    return write_files_atomic(run_output_files(output_model, report, records))
+
+
+def run_output_files(output_model: str | Path, report: ModelReport | dict[str, Any],
+                     records: Sequence[StepRecord]) -> dict[Path, bytes]:
+    """The report plot and the history (JSON, CSV, plot) to write next to ``output_model``.
 
     Args:
         output_model: The written model ``OUT.onnx``.
@@ -43,11 +50,11 @@ def write_run_outputs(output_model: str | Path, report: ModelReport | dict[str, 
         records: The fine-tune history.
 
     Returns:
-        The written paths: ``OUT.png``, ``OUT.history.json``, ``OUT.history.csv``,
+        Each file's bytes by path: ``OUT.png``, ``OUT.history.json``, ``OUT.history.csv``,
         ``OUT.history.png``.
 
     Raises:
-        InvalidModelError: ``report`` is not a report, or a file cannot be written.
+        InvalidModelError: ``report`` is not a report.
     """
     model_report = report if isinstance(report, ModelReport) else ModelReport.from_dict(report)
     model_report = dataclasses.replace(model_report, source=str(output_model))  # plot title
@@ -63,4 +70,4 @@ def write_run_outputs(output_model: str | Path, report: ModelReport | dict[str, 
         "history_plot": plot_history(records, eval_points=points, reference_top1=reference,
                                      eval_label="quantized top-1 (ONNX Runtime)"),
     }
-    return [write_bytes_atomic(contents[key], paths[key]) for key in paths]
+    return {paths[key]: contents[key] for key in paths}

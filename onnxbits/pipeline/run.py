@@ -12,6 +12,7 @@ checkpoint written with other options or another model), and a successful run de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -37,8 +38,7 @@ from onnxbits.graph.io import (
     fixed_batch,
     load_model,
     quantized_nodes,
-    save_model_atomic,
-    write_bytes_atomic,
+    write_files_atomic,
 )
 from onnxbits.graph.normalize import normalize
 from onnxbits.importer.batch import as_tensors, rows
@@ -61,7 +61,8 @@ from onnxbits.pipeline.inputs import (
     load_splits,
     relax_batch,
 )
-from onnxbits.pipeline.outputs import write_run_outputs
+from onnxbits.pipeline.lock import output_lock
+from onnxbits.pipeline.outputs import run_output_files, run_output_paths
 from onnxbits.pipeline.summary import (
     apply_guard,
     build_report,
@@ -130,7 +131,13 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig,
             check_amp(cfg.amp_dtype(), ctx.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return _shrink(Path(model_path), cfg, on_event if ctx.is_main else None, ctx)
+        model_path = Path(model_path)
+        output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
+        check_output_path(model_path, output)
+        files = [output, output.with_suffix(".json"), checkpoint_path(output),
+                 *run_output_paths(output).values()]
+        with output_lock(output, files) if ctx.is_main else contextlib.nullcontext():
+            return _shrink(model_path, output, cfg, on_event if ctx.is_main else None, ctx)
     finally:
         close(ctx, wait=False)
         torch.set_flush_denormal(False)
@@ -271,14 +278,12 @@ def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
     return net, calib
 
 
-def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
+def _shrink(model_path: Path, output: Path, cfg: ShrinkConfig, on_event: Event | None,
             ctx: DistContext) -> ShrinkResult:
     started = time.perf_counter()
     stages = StageClock(on_event)
-    output = Path(cfg.output) if cfg.output is not None else default_output(model_path)
     report_path = output.with_suffix(".json")
     original = load_model(model_path)
-    check_output_path(model_path, output)
     if not cfg.resume and checkpoint_path(output).exists():
         raise ConfigError(f"{checkpoint_path(output)} holds an interrupted run writing {output}; "
                           "add --resume to continue it, or delete it to start over")
@@ -369,9 +374,10 @@ def _shrink(model_path: Path, cfg: ShrinkConfig, on_event: Event | None,
             reconstruction=blocks,
             runtime={**runtime, "stages": stages.seconds()},
             seconds=round(time.perf_counter() - started, 1))
-        save_model_atomic(emitted, output)
-        write_bytes_atomic(json.dumps(report, indent=2).encode(), report_path)
-        outputs = write_run_outputs(output, report, history)
+        files = {**run_output_files(output, report, history),   # all or none; the model last
+                 report_path: json.dumps(report, indent=2).encode(),
+                 output: emitted.SerializeToString()}
+        outputs = write_files_atomic(files)[:-2]
     except Exception:
         remove_checkpoint(ckpt.path)
         raise
