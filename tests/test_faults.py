@@ -186,3 +186,32 @@ def test_a_full_disk_fails_cleanly_and_keeps_every_existing_file(
     assert "failed (No space left on device); free space there" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert listing(root) == before          # nothing replaced, nothing left behind
+
+
+def test_a_perturbed_requantization_scale_fails_the_run_naming_the_tensor(
+        workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    from onnx import numpy_helper
+
+    import onnxbits.pipeline.run as run
+
+    real_emit = run.emit
+    broken: list[str] = []
+
+    def emit_broken(*args: object, **kwargs: object) -> onnx.ModelProto:
+        model = real_emit(*args, **kwargs)
+        q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                 and not n.input[0].endswith("weight"))        # an activation's requantization
+        scale = next(i for i in model.graph.initializer if i.name == q.input[1])
+        value = numpy_helper.to_array(scale) * np.float32(1.7)
+        scale.CopyFrom(numpy_helper.from_array(value, scale.name))
+        broken.append(q.input[0])
+        return model
+    monkeypatch.setattr(run, "emit", emit_broken)
+    (tmp_path / "model.onnx").symlink_to(workspace / "model.onnx")
+    (tmp_path / "data").symlink_to(workspace / "data")
+    done = run_cli(shrink_args(tmp_path, "out.onnx"))
+    assert done.exit_code == 1
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert f"at tensor '{broken[0]}'" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model.onnx"]
