@@ -7,6 +7,7 @@ shown only with ``--debug``.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,21 @@ def debug_enabled() -> bool:
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root() if ctx else None
     return bool(root and root.obj and root.obj.get("debug"))
+
+
+class _WarningLine(logging.Handler):
+    """Print the library's warnings (``logging`` records of ``onnxbits.*``) as ``Warning: ...``
+    lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"Warning: {' '.join(record.getMessage().split())}", err=True)
+
+
+def show_library_warnings() -> None:
+    """Route the ``onnxbits`` logger's warnings to stderr as one ``Warning:`` line each."""
+    logger = logging.getLogger("onnxbits")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
 
 
 def fail(message: str, code: int) -> None:

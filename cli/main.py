@@ -20,6 +20,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     onnxbits eval model.bits.onnx --data val/      top-1/top-5 in ONNX Runtime
     onnxbits compare a.bits.onnx b.int8.onnx --data val/   side by side: bits, bytes, BOPs, accuracy
     """
+    from onnxbits.cli.errors import show_library_warnings
+
+    show_library_warnings()
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 

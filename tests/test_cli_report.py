@@ -112,3 +112,34 @@ def test_weights_built_by_constantofshape_are_layers(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert [layer["name"] for layer in report["layers"]][:1] == ["conv1"]
     assert len(report["layers"]) == 3 and report["total_params"] > 0
+
+
+def test_library_warnings_print_as_one_warning_line(model_path: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx.shape_inference
+    from onnxbits.cli.main import main
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] rank 1 vs 0")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", failing)
+    result = CliRunner().invoke(main, ["report", model_path])
+    assert result.exit_code == 0, result.output
+    assert ("Warning: ONNX shape inference failed ([ShapeInferenceError] rank 1 vs 0): shapes, "
+            "MACs and BOPs are known only for the layers whose inputs are declared\n"
+            in result.stderr)
+
+
+def test_a_library_bug_is_one_line_that_asks_for_a_report(model_path: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxbits.cli.report
+    from onnxbits.cli.main import main
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise KeyError("layers")
+
+    monkeypatch.setattr(onnxbits.cli.report, "analyze_model", broken)
+    result = CliRunner().invoke(main, ["report", model_path])
+    assert result.exit_code == 1
+    assert result.stderr == ("Error: internal error: KeyError: 'layers' (a bug in onnxbits, not "
+                             "in your input: rerun with --debug and report the traceback)\n")

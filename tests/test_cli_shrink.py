@@ -122,6 +122,11 @@ def test_human_readable_output(workspace: Path, tmp_path: Path) -> None:
         assert re.search(rf"{label}: .*agreement with float", result.stdout), label
     assert out.is_file() and out.with_suffix(".json").is_file()
     assert not model.with_name("m.bits.onnx").exists()
+    fused = json.loads(out.with_suffix(".json").read_text())["verification"]["fused"]
+    assert set(fused) == {"rel_l2", "max_abs", "agreement", "tolerance", "output"}
+    assert 0 <= fused["rel_l2"] <= fused["tolerance"] and fused["output"] == "logits"
+    assert (f"deployed graph (ORT, all optimizations) vs torch: relative error "
+            f"{fused['rel_l2']:.4f} (allowed {fused['tolerance']})") in result.stdout
 
 
 # --- the error catalog ------------------------------------------------------------------------

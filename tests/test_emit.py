@@ -323,3 +323,52 @@ def test_a_perturbed_requantization_scale_fails_verification() -> None:
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.7, scale.name))
     with pytest.raises(VerificationError, match=r"differs from the torch model by "):
         verify(model, t.net, [t.x[:16]], "exact-sim")
+
+
+def _with_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    init = next(i for i in model.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array(value, name))
+
+
+def test_a_bug_only_the_deployed_graph_has_fails_verification() -> None:
+    """The Gemm bias as int32 on a grid 8x finer than ``s_in * s_w``: the unoptimized graph
+    computes the same bias (all its checks pass), but ORT's fused QGemm adds the int32 values as
+    if they were on ``s_in * s_w`` (fusion rule 3), so only the deployed graph is wrong."""
+    from onnx import helper
+
+    t = trained("conv_relu_gemm")
+    model = onnx.ModelProto()
+    model.CopyFrom(emitted("conv_relu_gemm", "ort"))
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    act_scale = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                     and n.output[0] == gemm.input[0]).input[1]
+    weight_scale = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                        and n.output[0] == gemm.input[1]).input[1]
+    scale = (arrays[act_scale] * arrays[weight_scale] / 8).astype(np.float32)
+    ints = np.round(arrays[gemm.input[2]] / scale).astype(np.int32)
+    model.graph.initializer.extend([numpy_helper.from_array(ints, "fc_bias_int32"),
+                                    numpy_helper.from_array(scale, "fc_bias_scale")])
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["fc_bias_int32",
+                                                "fc_bias_scale"], ["fc_bias_dq"], axis=0))
+    gemm.input[2] = "fc_bias_dq"
+    with pytest.raises(VerificationError, match=r"^ONNX Runtime's optimized graph \(what "
+                       r"deploys\) differs from the torch model by a relative L2 error of "
+                       r"[0-9.]+ on output 'logits' \(allowed 0.1\)"):
+        verify(model, t.net, [t.x[:16]], "ort")
+
+
+def test_an_output_off_with_every_quantized_tensor_equal_fails_verification() -> None:
+    """The last layer's weight scale 1 % off: every activation quantizer agrees, the logits of
+    the unoptimized graph do not."""
+    t = trained("conv_relu_gemm")
+    model = onnx.ModelProto()
+    model.CopyFrom(emitted("conv_relu_gemm", "ort"))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    scale = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and n.output[0] == gemm.input[1]).input[1]
+    value = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == scale))
+    _with_initializer(model, scale, (value * 1.01).astype(np.float32))
+    with pytest.raises(VerificationError, match=r"output differs from the torch model's by .* "
+                                                r"with all quantized tensors equal"):
+        verify(model, t.net, [t.x[:16]], "ort")

@@ -21,6 +21,7 @@ from onnxbits.report.evaluate import (
     predict_logits,
     topk_accuracy,
 )
+from tests import builders
 from tests.builders import conv_relu_gemm, matmul_mlp
 
 PRE = Preprocess(scale=1 / 255, mean=(0.5,), std=(0.25,))
@@ -203,3 +204,20 @@ def test_an_ort_failure_inside_the_model_is_not_called_a_preprocessing_problem(
                           Preprocess())
     with pytest.raises(InvalidModelError, match=r"ONNX Runtime failed running the model"):
         predict_logits(make_session(model), images)
+
+
+@pytest.mark.parametrize("error", ["NotImplemented", "EPFail", "Fail", "RuntimeException"])
+def test_every_ort_failure_while_running_is_a_model_error(tmp_path: Path, error: str) -> None:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    session = make_session(builders.conv_relu_gemm())
+
+    def run(*args: object, **kwargs: object) -> object:
+        raise getattr(state, error)("kernel missing for this node")
+
+    session.run = run  # type: ignore[method-assign]
+    images = ImageTensors(np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int64), True,
+                          Preprocess())
+    with pytest.raises(InvalidModelError, match=r"ONNX Runtime failed running the model on a "
+                                                r"batch of shape .*: kernel missing"):
+        predict_logits(session, images)

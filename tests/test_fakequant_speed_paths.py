@@ -369,3 +369,31 @@ def test_fused_input_clamp_equals_the_activation_followed_by_the_quantizer(
     q = BitQuantizer(signed=False, input_clamp=clamp)
     assert torch.equal(q.quantized_input(z), act(z))
     assert "input_clamp" in repr(q)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("CUDA out of memory (wrapped by dynamo)"),
+                                   ValueError("an error of the input")])
+def test_out_of_memory_and_input_errors_are_raised_and_keep_the_compiled_kernels(
+        monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Out of memory (raw or wrapped) is the caller's to see, and an error that the eager kernel
+    repeats is the input's: neither is a compiler failure that switches to eager for good."""
+    from onnxbits.quant import kernels
+
+    def failing(*args: object, **kwargs: object) -> object:
+        def run(*a: object) -> object:
+            raise error
+        return run
+
+    def body(x: torch.Tensor) -> torch.Tensor:      # the eager kernel
+        if isinstance(error, ValueError):
+            raise error
+        return x
+
+    monkeypatch.setattr(torch, "compile", failing)
+    monkeypatch.setitem(kernels._state, "compiled", {})
+    monkeypatch.setitem(kernels._state, "compile_error", None)
+    monkeypatch.setitem(kernels._state, "kernel", "compiled")
+    with pytest.raises(type(error), match=str(error).split(" (")[0]):
+        kernels._run(body, torch.ones(4, 4))
+    assert kernels._state["compile_error"] is None

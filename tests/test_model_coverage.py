@@ -403,7 +403,7 @@ def test_layers_that_cannot_be_quantized_stay_in_float_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "float_kept.onnx"
     onnx.save(float_kept_layers(), path)
-    with caplog.at_level(logging.WARNING, logger="onnxbits.importer.convert"):
+    with caplog.at_level(logging.INFO, logger="onnxbits.importer.convert"):
         outcome = shrink_in_library(path)
     assert outcome.sites == ["conv"]
     assert [(f.node, f.op) for f in outcome.floats] == [("scaled_gemm", "Gemm"),

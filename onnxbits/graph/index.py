@@ -148,7 +148,8 @@ def infer_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, Shape]:
     """Shapes of all tensors, with the symbolic batch dim (dim 0 of every input) set to ``batch``.
 
     Works on a copy. Dims are ints, symbolic names (str) or None when unknown. Tensors that
-    shape inference cannot reach are missing; inference errors are swallowed (best effort).
+    shape inference cannot reach are missing; when inference fails, a warning says so and the
+    shapes declared in the graph remain (best effort).
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -175,12 +175,12 @@ def float_layer_warnings(source: str, model: onnx.ModelProto, floats: list[Float
 def find_sites(model: onnx.ModelProto, gm: fx.GraphModule) -> list[Site]:
     """Quantizable layers in ONNX graph order, matched to their torch modules by output name.
 
-    Layers with a constant weight that cannot be quantized stay in float; they are logged as a
-    warning and listed by :func:`float_layers`.
+    Layers with a constant weight that cannot be quantized stay in float; they are logged (info;
+    the pipeline warns) and listed by :func:`float_layers`.
     """
     sites, skipped = _classify(model, gm)
     if skipped:
-        logger.warning("%d layer(s) stay in float: %s", len(skipped),
+        logger.info("%d layer(s) stay in float: %s", len(skipped),
                        "; ".join(map(str, skipped[:10])))
     return sites
 

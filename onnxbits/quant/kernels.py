@@ -211,7 +211,11 @@ def _run(body: Callable[..., Any], x: Tensor, *args: Any) -> Any:
         except torch.OutOfMemoryError:    # not a compiler failure: the caller must see it
             raise
         except Exception as exc:  # noqa: BLE001 - inductor/dynamo/C-compiler failures: run eagerly
+            if "out of memory" in str(exc).lower():       # an OOM wrapped by dynamo
+                raise
+            result = body(x, *args)    # an error of the inputs repeats here, raised as it is
             _state["compile_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("torch.compile of the quantizer kernel failed (%s); quantizers run "
                         "eagerly from now on", _state["compile_error"])
+            return result
     return body(x, *args)

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+from onnxruntime.capi.onnxruntime_pybind11_state import (
+    EPFail,
+    Fail,
+    InvalidArgument,
+    NotImplemented,  # noqa: A004 - ONNX Runtime's name
+    RuntimeException,
+)
 
 from onnxbits.data.decode import iterate_batches
 from onnxbits.data.stream import Images, read_ahead
@@ -186,11 +192,12 @@ def predict_outputs(session: ort.InferenceSession, tensors: Images | TensorSet,
             raise DataError(f"ONNX Runtime refused model input '{names[0]}' with a batch of "
                             f"shape {shape}: {_first_line(exc)}; "
                             f"{_FIX_HINT if layout else 'check the arrays'}") from exc
-        except (Fail, RuntimeException) as exc:    # the model itself failed while running
+        except (Fail, RuntimeException, NotImplemented, EPFail) as exc:  # the model failed
+            fix = "--preset, --resize/--crop" if layout else "other arrays"
             raise InvalidModelError(f"ONNX Runtime failed running the model on a batch of "
                                     f"shape {shape}: {_first_line(exc)}; where "
                                     "a node's shape is the cause, the inputs may need another "
-                                    "size (--preset, --resize/--crop)") from exc
+                                    f"size ({fix})") from exc
         for chunk, y in zip(chunks, ys, strict=True):
             y = np.asarray(y)
             chunk.append((y.astype(np.float32, copy=False) if y.dtype.kind == "f" else y)[:rows])
