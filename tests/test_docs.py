@@ -29,3 +29,10 @@ def test_every_relative_link_resolves() -> None:
 
 def test_the_readme_is_a_manual_of_at_most_250_lines() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in [*(ROOT / "onnxbits").rglob("*.py"),
+                                                  *(ROOT / "cli").rglob("*.py")]
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

@@ -66,14 +66,15 @@ from onnxbits.pipeline.outputs import run_output_files, run_output_paths
 from onnxbits.pipeline.summary import (
     apply_guard,
     build_report,
+    chance_warning,
     config_dict,
     runtime_info,
 )
 from onnxbits.pipeline.summary import torch_logits as torch_logits
 from onnxbits.quant.cost import bit_cost
 from onnxbits.quant.network import QuantizedNetwork, attach_quantizers, calibrate, layer_bits
-from onnxbits.report.evaluate import make_session, predict_outputs, topk_accuracy
-from onnxbits.train.budget import LambdaController, budget_target, freeze_to_budget
+from onnxbits.report.evaluate import make_session, predict_outputs
+from onnxbits.train.budget import LambdaController, budget_freezer, budget_target
 from onnxbits.train.checkpoint import (
     CheckpointSpec,
     checkpoint_path,
@@ -222,27 +223,11 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
                                     progress=lambda k: emit_event(on_event, "decode", n=k))
     float_eval = float_outputs[0].reshape(len(float_outputs[0]), -1)
     check_labels(train, float_eval.shape[1])
-    warnings.extend(_chance_warning(evaluation, float_eval, cfg))
+    warnings.extend(chance_warning(evaluation, float_eval, cfg))
     held = isinstance(train, ImageTensors) or (tensors and not train.on_demand)
     teacher = OnlineTeacher(float_graph, cache=len(train) if held else None)
     return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
                    teacher, float_eval, float_outputs, warnings)
-
-
-def _chance_warning(evaluation: Images, float_eval: np.ndarray, cfg: ShrinkConfig) -> list[str]:
-    """A warning when the float model itself is near chance on the labelled eval split: the
-    preprocessing (or the labels) most likely do not match the model."""
-    classes = float_eval.shape[1]
-    if not evaluation.has_labels or classes < 2:
-        return []
-    top1 = topk_accuracy(float_eval, evaluation.kept_labels()).top1
-    chance = 100.0 / classes
-    if top1 >= 2 * chance:
-        return []
-    return [f"the float model scores {top1:.2f} % top-1 on the eval images of {cfg.data} "
-            f"(chance: {chance:.2f} %): the preprocessing or the labels probably do not match "
-            "the model; choose its --preset or set --resize/--crop/--mean/--std (and --classes, "
-            "--label-offset)"]
 
 
 def _train_config(cfg: ShrinkConfig, objective: str, loss: str, n_train: int) -> TrainConfig:
@@ -309,7 +294,7 @@ def _shrink(model_path: Path, output: Path, cfg: ShrinkConfig, on_event: Event |
         start = float(bit_cost(objective, layer_bits(net)).detach())
         controller = LambdaController(budget, start, tcfg.learn_steps(), net=net,
                                       objective=objective)
-    freeze = _freezer(objective, budget, moved)
+    freeze = budget_freezer(objective, budget, moved)
     fetch, resident = batch_fetcher(train, ctx.device)
     teacher = inputs.teacher
     ckpt.extra["teacher"] = teacher.state
@@ -403,18 +388,6 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
     teachers = [inputs.teacher(x) for x in calib]
     return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_outputs, calib,
                        teachers, retune)
-
-
-def _freezer(objective: str, budget: float | None,
-             moved: list[str]) -> Callable[[QuantizedNetwork], None] | None:
-    """The freeze at the end of the learning phase onto the budget when there is one (``moved``
-    receives the groups moved off their rounded bits); None: the plain freeze."""
-    if budget is None:
-        return None
-
-    def freeze(net: QuantizedNetwork) -> None:
-        moved.extend(freeze_to_budget(net, objective, budget))
-    return freeze
 
 
 def _resume_options(cfg: ShrinkConfig) -> dict[str, Any]:

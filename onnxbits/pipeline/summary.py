@@ -151,3 +151,19 @@ def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetw
                               "quantized": accuracy(quant_eval, evaluation, float_eval),
                               "torch_sim_k_bit": accuracy(sim_eval, evaluation, float_eval)}
     return report
+
+
+def chance_warning(evaluation: Images, float_eval: np.ndarray, cfg: ShrinkConfig) -> list[str]:
+    """A warning when the float model itself is near chance on the labelled eval split: the
+    preprocessing (or the labels) most likely do not match the model."""
+    classes = float_eval.shape[1]
+    if not evaluation.has_labels or classes < 2:
+        return []
+    top1 = topk_accuracy(float_eval, evaluation.kept_labels()).top1
+    chance = 100.0 / classes
+    if top1 >= 2 * chance:
+        return []
+    return [f"the float model scores {top1:.2f} % top-1 on the eval images of {cfg.data} "
+            f"(chance: {chance:.2f} %): the preprocessing or the labels probably do not match "
+            "the model; choose its --preset or set --resize/--crop/--mean/--std (and --classes, "
+            "--label-offset)"]

@@ -31,6 +31,7 @@ objective and the budget in cost units, refusing budgets the bit bounds cannot r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -280,3 +281,15 @@ def _uniform(layers: list[LayerBits], weight_bits: int, act_bits: int) -> list[L
     w, a = torch.tensor(float(weight_bits)), torch.tensor(float(act_bits))
     return [LayerBits(w, a if l.act_bits is not None else None, l.params, l.macs)
             for l in layers]
+
+
+def budget_freezer(objective: str, budget: float | None,
+                   moved: list[str]) -> Callable[[QuantizedNetwork], None] | None:
+    """The freeze at the end of the learning phase onto the budget when there is one (``moved``
+    receives the groups moved off their rounded bits); None: the plain freeze."""
+    if budget is None:
+        return None
+
+    def freeze(net: QuantizedNetwork) -> None:
+        moved.extend(freeze_to_budget(net, objective, budget))
+    return freeze
