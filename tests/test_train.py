@@ -171,3 +171,41 @@ def test_read_ahead_fetches_the_same_batches_as_a_plain_fetch() -> None:
     ahead = fine_tune(ahead_net, fetch, s.teacher, len(s.x), cfg, read_ahead=True)
     assert [r.to_dict() for r in ahead] == [r.to_dict() for r in plain]
     assert seen == plain_seen      # each step's batch once, in order, read one step early
+
+
+@pytest.mark.parametrize("loss", ["kd", "kd+ce"])
+@pytest.mark.parametrize("online", [False, True])
+def test_micro_batches_give_the_whole_batch_gradient(loss: str, online: bool) -> None:
+    """A batch of 16 run as 4 pieces of 4 (``micro_batch=5`` rounds to equal pieces): the same
+    gradients of every parameter (bitlengths and clip values included) and the same loss."""
+    from onnxbits.train.teacher import OnlineTeacher
+
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 10, 64))
+    grads, tasks = [], []
+    for micro in (None, 5):
+        s = setup()
+        teacher = OnlineTeacher(s.graph, rows_per_pass=micro) if online else s.teacher
+        history = fine_tune(s.net, lambda idx, s=s: (s.x[idx], labels[idx]), teacher, len(s.x),
+                            TrainConfig(steps=1, batch_size=16, lam=0.5, loss=loss,
+                                        micro_batch=micro))
+        grads.append({n: p.grad.clone() for n, p in s.net.graph.named_parameters()
+                      if p.grad is not None})
+        tasks.append(history[0].task)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, whole in grads[0].items():
+        torch.testing.assert_close(grads[1][name], whole, rtol=1e-4, atol=1e-6, msg=name)
+    assert tasks[1] == pytest.approx(tasks[0], rel=1e-5, abs=1e-7)   # a KL near 0: absolute
+
+
+def test_rows_per_pass_splits_only_batches_whose_activations_do_not_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxbits.graph.macs import activation_bytes
+    from onnxbits.train import device
+
+    model = conv_relu_gemm()
+    per_sample = activation_bytes(model)
+    assert per_sample is not None and per_sample > 0
+    monkeypatch.setattr(device, "PASS_BYTES", 10 * per_sample)
+    assert device.rows_per_pass(model, 64, fixed=False) == 10
+    assert device.rows_per_pass(model, 10, fixed=False) is None       # fits in one pass
+    assert device.rows_per_pass(model, 64, fixed=True) is None        # runs only at its batch

@@ -125,3 +125,22 @@ def model_costs(model: onnx.ModelProto, index: GraphIndex | None = None,
     index = index or GraphIndex(model)
     shapes = shapes if shapes is not None else infer_shapes(model)
     return {s.name: layer_cost(index, s, shapes) for s in quantizable_nodes(model, index)}
+
+
+def activation_bytes(model: onnx.ModelProto) -> int | None:
+    """Bytes of every node output of one sample (float32): about what a training step keeps
+    for its backward pass per sample. Outputs of unknown shape (dynamic sizes) are left out;
+    None when no shape is known.
+
+    >>> from onnx import helper, TensorProto
+    >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])
+    >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]),
+    ...                        helper.make_node("Neg", ["r"], ["y"])], "g", [x], [y])
+    >>> activation_bytes(helper.make_model(g))   # two outputs of 3 * 4 * 4 floats
+    384
+    """
+    shapes = infer_shapes(model, batch=1)
+    sizes = [math.prod(dims) for node in model.graph.node for name in node.output
+             if name and (dims := _known(shapes.get(name))) is not None]
+    return 4 * sum(sizes) if sizes else None

@@ -39,6 +39,18 @@ def map_batch(fn: Callable[[Tensor], Tensor], x: Batch) -> Batch:
     return tuple(fn(t) for t in x) if isinstance(x, tuple) else fn(x)
 
 
+def pieces(x: Batch, size: int | None) -> list[Batch]:
+    """``x`` in consecutive pieces of at most ``size`` samples (``[x]`` when ``size`` is None).
+
+    >>> [rows(p) for p in pieces(torch.zeros(5, 2), 2)]
+    [2, 2, 1]
+    """
+    n = rows(x)
+    if size is None or size >= n:
+        return [x]
+    return [map_batch(lambda t, s=slice(i, i + size): t[s], x) for i in range(0, n, size)]
+
+
 def as_tensors(x: np.ndarray | tuple[np.ndarray, ...]) -> Batch:
     """Numpy arrays (one, or a tuple) as tensors sharing their memory."""
     if isinstance(x, tuple):

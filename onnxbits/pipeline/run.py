@@ -41,7 +41,7 @@ from onnxbits.graph.io import (
     write_files_atomic,
 )
 from onnxbits.graph.normalize import normalize
-from onnxbits.importer.batch import as_tensors, rows
+from onnxbits.importer.batch import as_tensors, pieces, rows
 from onnxbits.importer.convert import (
     FloatLayer,
     Site,
@@ -82,7 +82,7 @@ from onnxbits.train.checkpoint import (
     run_fingerprint,
 )
 from onnxbits.train.config import TrainConfig
-from onnxbits.train.device import check_amp, configure_cpu
+from onnxbits.train.device import check_amp, configure_cpu, rows_per_pass
 from onnxbits.train.distributed import DistContext, close, init_from_env
 from onnxbits.train.history import StepRecord
 from onnxbits.train.loop import fine_tune
@@ -147,10 +147,8 @@ def shrink(model_path: str | Path, cfg: ShrinkConfig,
 
 @dataclass
 class _Inputs:
-    """What the fine-tune starts from: the normalized model and its float torch graph, the
-    quantizable sites and the layers left in float, both image splits, the float model's logits
-    on the evaluation split (ONNX Runtime), the fine-tune's online teacher, the task loss and the
-    warnings so far."""
+    """What the fine-tune starts from: the model and its float graph, sites and float layers, the
+    splits, the float outputs on the evaluation split, the teacher, the loss, the warnings."""
 
     model: onnx.ModelProto
     float_graph: fx.GraphModule
@@ -161,6 +159,7 @@ class _Inputs:
     split: dict[str, Any]
     loss: str
     teacher: OnlineTeacher
+    rows_per_pass: int | None      # samples per forward pass (memory), None: whole batches
     float_eval: np.ndarray
     float_outputs: list[np.ndarray]
     warnings: list[str]
@@ -217,23 +216,27 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
     if min(cfg.batch_size, len(train)) < ctx.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (with {len(train)} fine-tune images) is "
                           f"smaller than the {ctx.world} torchrun processes; raise --batch-size")
+    per_pass = rows_per_pass(model, cfg.batch_size, declared is not None and batch_note is None)
     stages.start("float eval", total=len(evaluation))   # the float model on the eval split
     session = make_session(original, threads=cfg.threads)
-    float_outputs = predict_outputs(session, evaluation, batch_size=cfg.batch_size,
+    float_outputs = predict_outputs(session, evaluation, batch_size=per_pass or cfg.batch_size,
                                     progress=lambda k: emit_event(on_event, "decode", n=k))
     float_eval = float_outputs[0].reshape(len(float_outputs[0]), -1)
     check_labels(train, float_eval.shape[1])
     warnings.extend(chance_warning(evaluation, float_eval, cfg))
     held = isinstance(train, ImageTensors) or (tensors and not train.on_demand)
-    teacher = OnlineTeacher(float_graph, cache=len(train) if held else None)
+    teacher = OnlineTeacher(float_graph, cache=len(train) if held else None,
+                            rows_per_pass=per_pass)
     return _Inputs(model, float_graph, sites, floats, train, evaluation, split, loss,
-                   teacher, float_eval, float_outputs, warnings)
+                   teacher, per_pass, float_eval, float_outputs, warnings)
 
 
-def _train_config(cfg: ShrinkConfig, objective: str, loss: str, n_train: int) -> TrainConfig:
+
+def _train_config(cfg: ShrinkConfig, objective: str, inputs: _Inputs) -> TrainConfig:
     """The fine-tune's configuration from the shrink options."""
-    derived = {"objective": objective, "loss": loss, "reconstruct_steps": cfg.reconstruct,
-               "amp": cfg.amp_dtype(), "steps": cfg.total_steps(n_train)}
+    derived = {"objective": objective, "loss": inputs.loss, "reconstruct_steps": cfg.reconstruct,
+               "amp": cfg.amp_dtype(), "steps": cfg.total_steps(len(inputs.train)),
+               "micro_batch": inputs.rows_per_pass}
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
               if f.name in SHRINK_FIELDS and f.name not in derived}
     return TrainConfig(**shared, **derived)
@@ -284,7 +287,7 @@ def _shrink(model_path: Path, output: Path, cfg: ShrinkConfig, on_event: Event |
                                            inputs.warnings)
     net, calib = _quantized_network(cfg, inputs)
     objective, budget = budget_target(cfg, net)
-    tcfg = _train_config(cfg, objective, inputs.loss, len(inputs.train))
+    tcfg = _train_config(cfg, objective, inputs)
     moved: list[str] = []
     ckpt = CheckpointSpec(checkpoint_path(output), every=cfg.checkpoint_every, resume=cfg.resume,
                           fingerprint=run_fingerprint(model_path, _resume_options(cfg)),
@@ -345,10 +348,11 @@ def _shrink(model_path: Path, output: Path, cfg: ShrinkConfig, on_event: Event |
                   "steps": tcfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
                   "min_act_bits": cfg.act_floor, "max_bits": cfg.max_bits}
         emitted = emit(model, net, cfg.target, source=source)
-        verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target)
+        checked = [p for x in calib[:VERIFY_BATCHES] for p in pieces(x, inputs.rows_per_pass)]
+        verification = verify(emitted, net, checked, cfg.target)
         stages.start("evaluate")
         report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_outputs,
-                              ctx.device)
+                              ctx.device, inputs.rows_per_pass or cfg.batch_size)
         report["config"].update(task_loss=inputs.loss, steps=tcfg.steps)  # as run
         report.update(
             model=str(model_path), output=str(output), data=inputs.split,
@@ -387,7 +391,7 @@ def _guard(cfg: ShrinkConfig, tcfg: TrainConfig, inputs: _Inputs, net: Quantized
 
     teachers = [inputs.teacher(x) for x in calib]
     return apply_guard(cfg, inputs.model, net, inputs.evaluation, inputs.float_outputs, calib,
-                       teachers, retune)
+                       teachers, retune, inputs.rows_per_pass or cfg.batch_size)
 
 
 def _resume_options(cfg: ShrinkConfig) -> dict[str, Any]:

@@ -83,14 +83,14 @@ def accuracy_drop(net: QuantizedNetwork, outputs: list[np.ndarray], tensors: Ima
 def apply_guard(cfg: ShrinkConfig, model: onnx.ModelProto, net: QuantizedNetwork,
                 evaluation: Images | TensorSet, float_outputs: list[np.ndarray],
                 calib: list[Batch], teachers: list[tuple[torch.Tensor, ...]],
-                retune: Callable[[], object]) -> dict[str, Any]:
+                retune: Callable[[], object], batch_size: int) -> dict[str, Any]:
     """Run :func:`onnxbits.train.guard.enforce_max_drop` with the drop measured on the emitted model
-    in ONNX Runtime on the evaluation split (``net`` on the CPU)."""
+    in ONNX Runtime on the evaluation split (``net`` on the CPU), ``batch_size`` samples a run."""
     from onnxbits.train.guard import enforce_max_drop
 
     def measure() -> float:
         session = make_session(emit(model, net, cfg.target), threads=cfg.threads)
-        outputs = predict_outputs(session, evaluation, batch_size=cfg.batch_size)
+        outputs = predict_outputs(session, evaluation, batch_size=batch_size)
         return accuracy_drop(net, outputs, evaluation, float_outputs)
 
     drop, raised = enforce_max_drop(net, measure, cfg.max_drop, calib, teachers, retune)
@@ -126,15 +126,16 @@ def runtime_info(ctx: DistContext, amp: str, cpu: dict[str, object], steps: int,
 
 def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetwork,
                  evaluation: Images | TensorSet, float_outputs: list[np.ndarray],
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, batch_size: int) -> dict[str, Any]:
     """The per-layer report of ``emitted`` plus target, options, the ``fidelity`` of every
     output of ``emitted`` in ONNX Runtime against ``float_outputs``, and for a classifier the
     three accuracies: ``float``, ``quantized`` (``emitted`` in ONNX Runtime) and
-    ``torch_sim_k_bit`` (``net`` run on ``device``, then returned to the CPU)."""
+    ``torch_sim_k_bit`` (``net`` run on ``device``, then returned to the CPU); ``batch_size``
+    samples a run."""
     from onnxbits.report.model import analyze_model
 
     quant_outputs = predict_outputs(make_session(emitted, threads=cfg.threads), evaluation,
-                                    batch_size=cfg.batch_size)
+                                    batch_size=batch_size)
     metrics = output_fidelity(net, float_outputs, quant_outputs)
     report = analyze_model(emitted).to_dict()
     report.update(target=cfg.target, config=config_dict(cfg),
@@ -142,7 +143,7 @@ def build_report(cfg: ShrinkConfig, emitted: onnx.ModelProto, net: QuantizedNetw
     if is_classifier(metrics, float_outputs[0].shape):
         net.graph.to(device)
         try:
-            sim_eval = torch_logits(net, evaluation, cfg.batch_size)
+            sim_eval = torch_logits(net, evaluation, batch_size)
         finally:
             net.graph.cpu()
         float_eval, quant_eval = (o.reshape(len(o), -1) for o in (float_outputs[0],

@@ -26,6 +26,7 @@ class TrainConfig:
     reconstruct_steps: int = 0           # block reconstruction steps per block at the freeze
     seed: int = 0
     amp: str | None = None               # None | bf16 | fp16 (autocast of the forward pass)
+    micro_batch: int | None = None       # rows per forward/backward pass; None: the whole batch
 
     def learn_steps(self) -> int:
         """Steps of the learning phase."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:      # torch (and numpy) load lazily: see prefer_passive_omp_wait
     import numpy as np
+    import onnx
     import torch
 
 _M_TRIM_THRESHOLD = -1
@@ -218,3 +219,19 @@ class ResidentImages:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
         pixels = self.images.index_select(0, idx).permute(0, 3, 1, 2).long() + self.offsets
         return self.table.reshape(-1)[pixels].contiguous()
+
+
+#: Activation bytes one forward pass may keep (larger batches run in pieces; gradients add up).
+PASS_BYTES = 1 << 30
+
+
+def rows_per_pass(model: onnx.ModelProto, batch_size: int, fixed: bool) -> int | None:
+    """Samples per forward pass so that one pass keeps at most :data:`PASS_BYTES` of
+    activations (:func:`onnxbits.graph.macs.activation_bytes`); None: whole batches (they fit,
+    the sizes are unknown, or the model runs only at its fixed batch)."""
+    from onnxbits.graph.macs import activation_bytes
+
+    per_sample = activation_bytes(model)
+    if fixed or not per_sample or batch_size * per_sample <= PASS_BYTES:
+        return None
+    return max(1, PASS_BYTES // per_sample)

@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 
 from onnxbits.data.sampler import BatchSampler, batch_indices
 from onnxbits.errors import ConfigError
-from onnxbits.importer.batch import map_batch
+from onnxbits.importer.batch import Batch, map_batch, rows
 from onnxbits.quant.cost import average_bits, bit_cost
 from onnxbits.quant.network import QuantizedNetwork, layer_bits
 from onnxbits.train.checkpoint import (
@@ -319,20 +319,31 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     elif teacher_logits is not None and "kd" in cfg.loss:
         teacher = teacher_logits(x, part)
     whole = not isinstance(teacher, Tensor)     # a tensor of logits: the first output only
-    with autocast(run.device, cfg.amp):
-        out = net.forward_all(x) if whole else (net(x),)
-    task = task_loss([o.float() for o in out], teacher, labels, cfg.loss,
-                     (net.outputs or None) if whole else None)
-    layers = layer_bits(net)
-    if frozen:
-        cost = bit_cost(cfg.objective, layers).detach()
-        loss = task
-    else:
-        cost = bit_cost(cfg.objective, layers)
-        loss = task + run.lam * cost
     opt.zero_grad(set_to_none=True)
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-    task_value = task.detach()
+    layers = layer_bits(net)
+    cost = bit_cost(cfg.objective, layers)
+    if frozen:
+        cost = cost.detach()
+    n = rows(x)
+    size = n if cfg.micro_batch is None or cfg.micro_batch >= n else \
+        math.ceil(n / math.ceil(n / cfg.micro_batch))      # equal pieces
+    if size >= n:
+        task = _task(run, x, teacher, labels, whole)
+        _backward(run, task if frozen else task + run.lam * cost)
+        task_value = task.detach()
+    else:              # micro-batches: their gradients add up to the whole batch's
+        task_value = torch.zeros((), device=run.device)
+        for start in range(0, n, size):
+            part_rows = slice(start, start + size)
+            task = _task(run, map_batch(lambda t, s=part_rows: t[s], x),
+                         map_batch(lambda t, s=part_rows: t[s], teacher)
+                         if teacher is not None else None,
+                         labels[part_rows] if labels is not None else None, whole)
+            task = task * (min(start + size, n) - start) / n
+            _backward(run, task)
+            task_value = task_value + task.detach()
+        if not frozen:
+            _backward(run, run.lam * cost)
     if run.dist.active:   # the global batch's task loss and gradients (onnxbits.train.distributed)
         params = [p for group in opt.param_groups for p in group["params"]]
         task_value = average_gradients(params, len(part) / len(idx), extra=task_value)
@@ -349,3 +360,17 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
     values = torch.stack([loss_value, task_value, cost, average_bits(layers).detach()]).tolist()
     return StepRecord(step, "frozen" if frozen else "learn", loss=values[0], task=values[1],
                       cost=values[2], avg_bits=values[3], lam=run.lam)
+
+
+def _task(run: _Run, x: Batch, teacher: Tensor | tuple[Tensor, ...] | None,
+          labels: Tensor | None, whole: bool) -> Tensor:
+    """The task loss of the network on ``x`` (all outputs with ``whole``, else the first)."""
+    net, cfg = run.net, run.cfg
+    with autocast(run.device, cfg.amp):
+        out = net.forward_all(x) if whole else (net(x),)
+    return task_loss([o.float() for o in out], teacher, labels, cfg.loss,
+                     (net.outputs or None) if whole else None)
+
+
+def _backward(run: _Run, loss: Tensor) -> None:
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()

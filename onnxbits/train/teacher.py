@@ -31,16 +31,23 @@ class OnlineTeacher:
     """``teacher(x, indices) -> outputs`` of the float network on the batch ``x`` of samples
     ``indices``: a tuple of every graph output (float32, on ``x``'s device)."""
 
-    def __init__(self, graph: nn.Module, cache: int | None = None) -> None:
+    def __init__(self, graph: nn.Module, cache: int | None = None,
+                 rows_per_pass: int | None = None) -> None:
         self.graph = graph.eval()
         self.state: dict[str, Any] = {}
         self.cache = cache
+        self.rows_per_pass = rows_per_pass    # run larger batches in pieces (memory)
 
     @torch.no_grad()
     def outputs(self, x: Batch) -> tuple[Tensor, ...]:
         """The float network's outputs on ``x``."""
         device = next(self.graph.parameters()).device
-        out = all_outputs(call(self.graph, map_batch(lambda t: t.to(device), x)))
+        n = rows(x)
+        size = self.rows_per_pass if self.rows_per_pass is not None else n
+        pieces = [all_outputs(call(self.graph, map_batch(
+            lambda t, s=slice(start, start + size): t[s].to(device), x)))
+            for start in range(0, n, size)]
+        out = pieces[0] if len(pieces) == 1 else [torch.cat(o) for o in zip(*pieces, strict=True)]
         return tuple(o.float().to(first(x).device) for o in out)
 
     def __call__(self, x: Batch, indices: np.ndarray | None = None) -> tuple[Tensor, ...]:
