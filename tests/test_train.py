@@ -209,3 +209,15 @@ def test_rows_per_pass_splits_only_batches_whose_activations_do_not_fit(
     assert device.rows_per_pass(model, 64, fixed=False) == 10
     assert device.rows_per_pass(model, 10, fixed=False) is None       # fits in one pass
     assert device.rows_per_pass(model, 64, fixed=True) is None        # runs only at its batch
+
+
+def test_calibration_in_pieces_gives_the_same_clip_values() -> None:
+    from onnxbits.quant.network import calibrate
+
+    s = setup()
+    batches = [s.x[:32], s.x[32:]]
+    calibrate(s.net, batches)
+    whole = {t: q.alpha().detach().clone() for t, q in s.net.acts.items()}
+    calibrate(s.net, batches, rows_per_pass=5)
+    for tensor, q in s.net.acts.items():
+        torch.testing.assert_close(q.alpha().detach(), whole[tensor], msg=tensor)

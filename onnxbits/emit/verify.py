@@ -28,7 +28,7 @@ from torch import Tensor
 
 from onnxbits.emit.qparams import EXEC_BITS_ORT, INT8_TARGETS
 from onnxbits.errors import VerificationError
-from onnxbits.importer.batch import Batch, feeds
+from onnxbits.importer.batch import Batch, feeds, pieces
 from onnxbits.quant.network import QuantizedNetwork
 
 #: Largest first-output difference of the unoptimized graph (torch fed ORT's quantized tensors),
@@ -101,7 +101,7 @@ def _dq_output(model: onnx.ModelProto, tensor: str) -> str | None:
 
 @torch.no_grad()
 def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Batch], target: str,
-           tolerance_steps: float = 1.0) -> Verification:
+           tolerance_steps: float = 1.0, rows_per_pass: int | None = None) -> Verification:
     """Compare ``emitted`` in ORT with ``net`` (frozen) on ``batches``.
 
     Each quantized tensor is checked locally: torch computes it from ONNX Runtime's values of
@@ -109,8 +109,12 @@ def verify(emitted: onnx.ModelProto, net: QuantizedNetwork, batches: list[Batch]
     DequantizeLinear output), so that float summation-order differences cannot pile up through
     the network. Raises VerificationError when a tensor is off by more than ``tolerance_steps``.
     The share of elements that differ by more than one step when torch runs freely (drift from
-    rounding ties through the depth of the network) is reported as ``drift_share``.
+    rounding ties through the depth of the network) is reported as ``drift_share``. With
+    ``rows_per_pass`` (a forward pass's memory budget in samples) each batch runs in pieces of
+    a quarter of it: the check holds four copies of every quantized tensor.
     """
+    if rows_per_pass is not None:
+        batches = [p for x in batches for p in pieces(x, max(1, rows_per_pass // 4))]
     exec_bits = EXEC_BITS_ORT if target in INT8_TARGETS else None
     acts = list(net.acts.items())
     outputs = {tensor: _dq_output(emitted, tensor) for tensor, _ in acts}

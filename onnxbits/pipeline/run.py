@@ -41,7 +41,7 @@ from onnxbits.graph.io import (
     write_files_atomic,
 )
 from onnxbits.graph.normalize import normalize
-from onnxbits.importer.batch import as_tensors, pieces, rows
+from onnxbits.importer.batch import as_tensors, rows
 from onnxbits.importer.convert import (
     FloatLayer,
     Site,
@@ -262,7 +262,7 @@ def _quantized_network(cfg: ShrinkConfig, inputs: _Inputs
         raise DataError(f"{cfg.data}: no readable image among the calibration sample")
     if cfg.target in ("ort", "pack"):
         prepare_ort(inputs.model, net)
-    calibrate(net, calib)
+    calibrate(net, calib, inputs.rows_per_pass)
     return net, calib
 
 
@@ -348,8 +348,8 @@ def _shrink(model_path: Path, output: Path, cfg: ShrinkConfig, on_event: Event |
                   "steps": tcfg.steps, "seed": cfg.seed, "min_bits": cfg.min_bits,
                   "min_act_bits": cfg.act_floor, "max_bits": cfg.max_bits}
         emitted = emit(model, net, cfg.target, source=source)
-        checked = [p for x in calib[:VERIFY_BATCHES] for p in pieces(x, inputs.rows_per_pass)]
-        verification = verify(emitted, net, checked, cfg.target)
+        verification = verify(emitted, net, calib[:VERIFY_BATCHES], cfg.target,
+                              rows_per_pass=inputs.rows_per_pass)
         stages.start("evaluate")
         report = build_report(cfg, emitted, net, inputs.evaluation, inputs.float_outputs,
                               ctx.device, inputs.rows_per_pass or cfg.batch_size)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from onnxbits.graph.outputs import GraphOutput, graph_outputs
-from onnxbits.importer.batch import Batch, call
+from onnxbits.importer.batch import Batch, call, pieces
 from onnxbits.importer.convert import CONV_TYPES, Site, is_unsigned_tensor
 from onnxbits.quant.cost import LayerBits
 from onnxbits.quant.quantizer import BitQuantizer
@@ -260,12 +260,15 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Tensor:
 
 
 @torch.no_grad()
-def calibrate(net: QuantizedNetwork, batches: list[Batch]) -> None:
+def calibrate(net: QuantizedNetwork, batches: list[Batch], rows_per_pass: int | None = None
+              ) -> None:
     """Initialise activation clip values from float statistics and count MACs per sample.
 
     For each activation tensor, ``alpha`` = mean over batches of the batch maximum of ``x``
     (unsigned) or ``|x|`` (signed), measured with every quantizer disabled; ``x`` is the tensor
     the quantizer quantizes (after a fused Relu/Relu6: ``BitQuantizer.quantized_input``).
+    A batch runs in pieces of at most ``rows_per_pass`` samples (memory), its maximum taken
+    over them.
     """
     quantizers = net.quantizers()
     for q in quantizers:
@@ -286,7 +289,13 @@ def calibrate(net: QuantizedNetwork, batches: list[Batch]) -> None:
         hooks.append(layer.register_forward_hook(count))
     try:
         for x in batches:
-            net(x)
+            before = {t: len(v) for t, v in stats.items()}
+            split = pieces(x, rows_per_pass)
+            for piece in split:
+                net(piece)
+            for tensor, values in stats.items():     # the batch's maximum over its pieces
+                if len(split) > 1 and len(values) > before[tensor]:
+                    values[before[tensor]:] = [torch.stack(values[before[tensor]:]).amax()]
     finally:
         for h in hooks:
             h.remove()
