@@ -8,7 +8,7 @@ Usage::
 Only the region between ``<!-- tables:begin -->`` and ``<!-- tables:end -->`` is generated; the
 text around it is kept. Every number in that region is read from a JSON file of
 ``benchmarks/results`` (written by ``benchmarks/accuracy.py``, ``benchmarks/peers.py`` and
-``benchmarks/scale.py``); every ``peers_<model>.json`` gets a table (``*.quick.json`` do not).
+``benchmarks/scale.py``, ``benchmarks/memory.py``); every ``peers_<model>.json`` gets a table (``*.quick.json`` do not).
 """
 
 from __future__ import annotations
@@ -132,6 +132,17 @@ def scale(d: dict[str, Any]) -> list[str]:
         ["run", "images (fine-tune / measure)", "s", "peak RSS MB", "top-1", "stages (s)"], rows)
 
 
+def memory(d: dict[str, Any]) -> list[str]:
+    m = d["machine"]
+    note = (f"{m['cpus']} CPUs, Python {m['python']}; `{d['model']}`, the default command "
+            f"({d['steps']} steps of batch {d['batch_size']}): {num(d['seconds'], 0)} s, peak "
+            f"RSS **{d['peak_rss_mb']} MB**, {num(d['avg_bits'])} average bits, top-1 "
+            f"{num(d['top1'])} against {num(d['float_top1'])} float.")
+    rows = [[name, num(secs, 1), str(d["rss_mb_at_stage_end"][name])]
+            for name, secs in d["stages"].items()]
+    return [note, ""] + table(["stage", "s", "RSS at its end, MB"], rows)
+
+
 def _seconds(s: float) -> str:
     return f"{round(s)} s" if s < 600 else f"{round(s / 60)} min"
 
@@ -186,6 +197,9 @@ def generate() -> str:
                        peers_table(d))
     out += ["## Dataset scale", ""]
     out += section("`benchmarks/results/scale.json`", "python benchmarks/scale.py", scale(load("scale")))
+    if (RESULTS / "memory.json").is_file():
+        out += section("`benchmarks/results/memory.json`", "python benchmarks/memory.py",
+                       memory(load("memory")))
     return "\n".join(out).rstrip("\n")
 
 
