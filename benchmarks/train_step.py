@@ -130,7 +130,8 @@ def make_quant_step(net: QuantizedNetwork, x: torch.Tensor, teacher: torch.Tenso
                     controller: LambdaController | None = None) -> Callable[[], None]:
     """One step of :func:`onnxbits.train.loop.fine_tune` in the learning or the frozen phase; with
     ``controller`` also the budget mode's lambda update and shift (at a fixed ramp step)."""
-    groups = [{"params": net.weight_parameters(), "lr": cfg.lr},
+    groups = [{"params": net.kernel_parameters(), "lr": cfg.lr},
+              {"params": net.bias_parameters(), "lr": cfg.lr},
               {"params": net.alpha_parameters(), "lr": cfg.alpha_lr}]
     if not frozen:
         groups.append({"params": net.bit_parameters(), "lr": 0.01})
