@@ -320,16 +320,11 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         teacher = teacher_logits(x, part)
     whole = not isinstance(teacher, Tensor)     # a tensor of logits: the first output only
     opt.zero_grad(set_to_none=True)
-    layers = layer_bits(net)
-    cost = bit_cost(cfg.objective, layers)
-    if frozen:
-        cost = cost.detach()
     n = rows(x)
     size = n if cfg.micro_batch is None or cfg.micro_batch >= n else \
         math.ceil(n / math.ceil(n / cfg.micro_batch))      # equal pieces
     if size >= n:
         task = _task(run, x, teacher, labels, whole)
-        _backward(run, task if frozen else task + run.lam * cost)
         task_value = task.detach()
     else:              # micro-batches: their gradients add up to the whole batch's
         task_value = torch.zeros((), device=run.device)
@@ -342,8 +337,14 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
             task = task * (min(start + size, n) - start) / n
             _backward(run, task)
             task_value = task_value + task.detach()
-        if not frozen:
-            _backward(run, run.lam * cost)
+    layers = layer_bits(net)
+    cost = bit_cost(cfg.objective, layers)
+    if frozen:
+        cost = cost.detach()
+    if size >= n:
+        _backward(run, task if frozen else task + run.lam * cost)
+    elif not frozen:
+        _backward(run, run.lam * cost)
     if run.dist.active:   # the global batch's task loss and gradients (onnxbits.train.distributed)
         params = [p for group in opt.param_groups for p in group["params"]]
         task_value = average_gradients(params, len(part) / len(idx), extra=task_value)
