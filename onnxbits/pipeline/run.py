@@ -231,7 +231,6 @@ def _load_inputs(model_path: Path, original: onnx.ModelProto, cfg: ShrinkConfig,
                    teacher, per_pass, float_eval, float_outputs, warnings)
 
 
-
 def _train_config(cfg: ShrinkConfig, objective: str, inputs: _Inputs) -> TrainConfig:
     """The fine-tune's configuration from the shrink options."""
     derived = {"objective": objective, "loss": inputs.loss, "reconstruct_steps": cfg.reconstruct,
@@ -363,10 +362,10 @@ def _shrink(model_path: Path, output: Path, cfg: ShrinkConfig, on_event: Event |
             reconstruction=blocks,
             runtime={**runtime, "stages": stages.seconds()},
             seconds=round(time.perf_counter() - started, 1))
-        files = {**run_output_files(output, report, history),   # all or none; the model last
-                 report_path: json.dumps(report, indent=2).encode(),
-                 output: emitted.SerializeToString()}
-        outputs = write_files_atomic(files)[:-2]
+        side = run_output_files(output, report, history)
+        write_files_atomic({**side, report_path: json.dumps(report, indent=2).encode(),
+                            output: emitted.SerializeToString()})   # all or none, model last
+        outputs = list(side)
     except Exception:
         remove_checkpoint(ckpt.path)
         raise

@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 
 from onnxbits.data.sampler import BatchSampler, batch_indices
 from onnxbits.errors import ConfigError
-from onnxbits.importer.batch import Batch, map_batch, rows
+from onnxbits.importer.batch import Batch, map_batch, pieces, rows
 from onnxbits.quant.cost import average_bits, bit_cost
 from onnxbits.quant.network import QuantizedNetwork, layer_bits
 from onnxbits.train.checkpoint import (
@@ -328,13 +328,11 @@ def _train_step(run: _Run, step: int, fetch: Callable[[np.ndarray], tuple[Tensor
         task_value = task.detach()
     else:              # micro-batches: their gradients add up to the whole batch's
         task_value = torch.zeros((), device=run.device)
-        for start in range(0, n, size):
-            part_rows = slice(start, start + size)
-            task = _task(run, map_batch(lambda t, s=part_rows: t[s], x),
-                         map_batch(lambda t, s=part_rows: t[s], teacher)
-                         if teacher is not None else None,
-                         labels[part_rows] if labels is not None else None, whole)
-            task = task * (min(start + size, n) - start) / n
+        xs = pieces(x, size)
+        ts = pieces(teacher, size) if teacher is not None else [None] * len(xs)
+        ls = pieces(labels, size) if labels is not None else [None] * len(xs)
+        for xp, tp, lp in zip(xs, ts, ls, strict=True):
+            task = _task(run, xp, tp, lp, whole) * rows(xp) / n
             _backward(run, task)
             task_value = task_value + task.detach()
     layers = layer_bits(net)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from onnxbits.importer.batch import Batch, call, first, map_batch, rows
+from onnxbits.importer.batch import Batch, call, first, map_batch, pieces, rows
 from onnxbits.quant.network import all_outputs
 
 __all__ = ["CACHE_BYTES", "OnlineTeacher"]
@@ -42,12 +42,9 @@ class OnlineTeacher:
     def outputs(self, x: Batch) -> tuple[Tensor, ...]:
         """The float network's outputs on ``x``."""
         device = next(self.graph.parameters()).device
-        n = rows(x)
-        size = self.rows_per_pass if self.rows_per_pass is not None else n
-        pieces = [all_outputs(call(self.graph, map_batch(
-            lambda t, s=slice(start, start + size): t[s].to(device), x)))
-            for start in range(0, n, size)]
-        out = pieces[0] if len(pieces) == 1 else [torch.cat(o) for o in zip(*pieces, strict=True)]
+        runs = [all_outputs(call(self.graph, map_batch(lambda t: t.to(device), piece)))
+                for piece in pieces(x, self.rows_per_pass)]
+        out = runs[0] if len(runs) == 1 else [torch.cat(o) for o in zip(*runs, strict=True)]
         return tuple(o.float().to(first(x).device) for o in out)
 
     def __call__(self, x: Batch, indices: np.ndarray | None = None) -> tuple[Tensor, ...]:
